@@ -1,0 +1,61 @@
+"""What a finished group returns, the same from the reference engine and from vLLM."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from hogwild_vllm.layout import GroupState
+
+
+@dataclass
+class WorkerOutput:
+    name: str
+    token_ids: list[int]
+    forced: list[bool]  # per token: True where the system forced it (intro, step headers)
+    text: str
+
+
+@dataclass
+class Usage:
+    prompt_tokens: int
+    generated_tokens: list[int]  # sampled tokens per worker
+    forced_tokens: list[int]  # forced tokens per worker
+    forward_passes: int
+    kv_blocks: int = 0
+    finisher_tokens: int = 0
+
+
+@dataclass
+class GroupOutput:
+    prompt_token_ids: list[int]
+    banned_token_ids: list[int]
+    workers: list[WorkerOutput]
+    transcript: str
+    answer: str | None
+    answer_worker: str | None
+    finish_reason: str
+    usage: Usage
+    finisher_text: str | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def group_output(state: GroupState, prompt_ids: list[int], banned: list[int], forward_passes: int,
+                 kv_blocks: int = 0) -> GroupOutput:
+    """Collect a finished group's result from its state (the finisher, if any, is added by the caller)."""
+    workers = [WorkerOutput(log.name, list(log.tokens), list(log.forced), state.codec.decode(log.tokens))
+               for log in state.workers]
+    forced = [sum(log.forced) for log in state.workers]
+    usage = Usage(
+        prompt_tokens=len(prompt_ids),
+        generated_tokens=[len(log.tokens) - f for log, f in zip(state.workers, forced)],
+        forced_tokens=forced,
+        forward_passes=forward_passes,
+        kv_blocks=kv_blocks,
+    )
+    who = state.workers[state.answer_worker].name if state.answer_worker is not None else None
+    return GroupOutput(list(prompt_ids), list(banned), workers, state.transcript(), state.answer, who,
+                       state.finish_reason or "unfinished", usage, config=state.cfg.to_dict())
