@@ -8,9 +8,10 @@ A request asks for a group with a plain dict (``SamplingParams.extra_args["hogwi
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Mapping
+from typing import Any
 
 MAX_WORKERS = 16
 
@@ -81,12 +82,15 @@ class Templates:
             raise HogwildConfigError("template 'step_separator' must not be empty")
         if not self.answer_marker.endswith("{"):
             raise HogwildConfigError("template 'answer_marker' must end with '{' (the answer is the balanced {...})")
-        try:
-            self.system_prompt.format(workers=2, names="x and y")
-            self.intro.format(name="x")
-            self.step_header.format(name="x", step=1)
-        except (KeyError, IndexError, ValueError) as e:
-            raise HogwildConfigError(f"bad placeholder in a template: {e}") from e
+        for name, fields in (("system_prompt", {"workers": 2, "names": "x and y"}), ("intro", {"name": "x"}),
+                             ("step_header", {"name": "x", "step": 1})):
+            try:
+                getattr(self, name).format(**fields)
+            except (KeyError, IndexError, ValueError) as e:
+                raise HogwildConfigError(
+                    f"template {name!r} has a bad placeholder ({e!r}); it may use {{{'}, {'.join(fields)}}} "
+                    "and literal braces must be doubled"
+                ) from e
 
     def system_text(self, names: tuple[str, ...]) -> str:
         joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -118,7 +122,8 @@ class GroupConfig:
     banned_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if not isinstance(self.workers, int) or not 1 <= self.workers <= MAX_WORKERS:
+        workers = self.workers
+        if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= MAX_WORKERS:
             raise HogwildConfigError(f"'workers' must be an integer in 1..{MAX_WORKERS}, got {self.workers!r}")
         if not isinstance(self.layout, Layout):
             object.__setattr__(self, "layout", _parse_layout(self.layout))
@@ -138,7 +143,7 @@ class GroupConfig:
         if not isinstance(self.templates, Templates):
             raise HogwildConfigError("'templates' must be a Templates instance or a dict of template strings")
         ids = tuple(self.banned_token_ids)
-        if any(not isinstance(t, int) or t < 0 for t in ids):
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 0 for t in ids):
             raise HogwildConfigError("'banned_token_ids' must be non-negative integers")
         object.__setattr__(self, "banned_token_ids", ids)
 
@@ -154,12 +159,12 @@ class GroupConfig:
         kwargs = dict(options)
         if "templates" in kwargs and not isinstance(kwargs["templates"], Templates):
             kwargs["templates"] = templates_from_dict(kwargs["templates"])
-        if "worker_names" in kwargs:
-            if isinstance(kwargs["worker_names"], str):
-                raise HogwildConfigError("'worker_names' must be a list of names")
-            kwargs["worker_names"] = tuple(kwargs["worker_names"])
-        if "banned_token_ids" in kwargs:
-            kwargs["banned_token_ids"] = tuple(kwargs["banned_token_ids"])
+        for name, what in (("worker_names", "names"), ("banned_token_ids", "token ids")):
+            if name in kwargs:
+                value = kwargs[name]
+                if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
+                    raise HogwildConfigError(f"{name!r} must be a list of {what}, got {value!r}")
+                kwargs[name] = tuple(value)
         return cls(**kwargs)
 
     def to_dict(self) -> dict[str, Any]:

@@ -211,7 +211,10 @@ class GroupState:
             if self.answer is None and "}" in text:
                 answer = find_answer(log.text, self.tpl.answer_marker)
                 if answer is not None:
-                    self.answer, self.answer_worker = answer, w
+                    # Take the answer's text from the decoded sequence: token-by-token text can differ from it
+                    # (a character split over byte tokens, leading spaces a tokenizer drops for a lone token).
+                    decoded = find_answer(self.codec.decode(log.tokens), self.tpl.answer_marker)
+                    self.answer, self.answer_worker = (answer if decoded is None else decoded), w
             if ends:
                 ended.append(w)
         if self.answer is not None:

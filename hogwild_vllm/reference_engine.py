@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from hogwild_vllm.config import GroupConfig
@@ -140,7 +141,7 @@ class ReferenceEngine:
     # ---- one group -----------------------------------------------------------------------------------------
     def generate(self, problem: str | None = None, cfg: GroupConfig | None = None, *,
                  prompt_ids: Sequence[int] | None = None, temperature: float = 0.0, top_p: float = 1.0,
-                 seed: int = 0, record: list[PassRecord] | None = None) -> GroupOutput:
+                 seed: int = 0, record: list[PassRecord] | None = None, progress: bool = False) -> GroupOutput:
         cfg = cfg or GroupConfig()
         if prompt_ids is None:
             if problem is None:
@@ -161,6 +162,7 @@ class ReferenceEngine:
         sources = [PROMPT] * len(prompt) + [GLUE] * len(state.glue_tokens)
         self._forward(kv, rows, tokens, sources, views, queries)
         passes = 1
+        bar = tqdm(total=cfg.max_tokens, desc="hogwild group", unit="tok", disable=not progress)
         while not state.finished:
             plans = state.plan_pass()
             tokens, sources = [], []
@@ -178,6 +180,8 @@ class ReferenceEngine:
             state.mark_fed()
             state.on_sampled(sampled)
             passes += 1
+            bar.update(max(len(log.tokens) for log in state.workers) - bar.n)
+        bar.close()
         out = group_output(state, prompt, banned, passes, kv.used_blocks)
         if cfg.finisher and state.answer is None:
             self._finish(out, cfg)
