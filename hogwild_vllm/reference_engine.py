@@ -232,7 +232,7 @@ class ReferenceEngine:
         blocks = rows * (per_row // self.block_size + 2)
         return PagedKV(c.num_hidden_layers, blocks, self.block_size, kv_heads, head_dim, self.dtype)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def _forward(self, kv: PagedKV, rows: dict[int, int], tokens: list[int], sources: list[int],
                  views: list[list[Segment]], queries: list[list[Query]], keep_tables: bool = False,
                  ) -> tuple[torch.Tensor, tuple[SegmentTable, torch.Tensor, torch.Tensor] | None]:
