@@ -1,0 +1,90 @@
+"""Build script for the compiled part of hogwild_vllm: the torch extension `hogwild_vllm._C`.
+
+Project metadata lives in pyproject.toml; this file only declares the extension. Layout of csrc/:
+
+    ops.h                  launcher declarations, one per op and device
+    torch_bindings.cpp     TORCH_LIBRARY(hogwild_C) schemas + CPU registrations (always built)
+    cpu/*.cpp              CPU launchers (always built)
+    cuda/*.cu              CUDA launchers + TORCH_LIBRARY_IMPL(hogwild_C, CUDA) (built with a CUDA toolchain
+                           AND a CUDA-enabled torch)
+    device/*.cuh           device/host math with no torch headers, shared by both paths
+
+Build against the environment's torch, never an isolated one (an isolated build would fetch a different torch
+from PyPI and produce a library that does not load against the one installed):
+
+    pip install --no-build-isolation -e .          (or: make setup)
+
+Environment:
+    HOGWILD_SKIP_EXT=1        build no extension (pure-Python install; hogwild_vllm._ext then says how to build it)
+    TORCH_CUDA_ARCH_LIST      CUDA archs to build for (torch's variable), e.g. "8.0;9.0"
+    MAX_JOBS                  parallel compile jobs (torch's variable)
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+from setuptools import setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+EXT_NAME = "hogwild_vllm._C"
+CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-function"]
+NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
+
+
+def _say(message: str) -> None:
+    print(f"[hogwild_vllm setup] {message}", file=sys.stderr, flush=True)
+
+
+def _sources(pattern: str) -> list[str]:
+    return sorted(str(p.relative_to(ROOT)) for p in CSRC.glob(pattern))
+
+
+def _extension_build() -> tuple[list, dict]:
+    """Returns (ext_modules, cmdclass): empty when the build is skipped, with the reason printed."""
+    if os.environ.get("HOGWILD_SKIP_EXT") == "1":
+        _say(f"HOGWILD_SKIP_EXT=1: not building {EXT_NAME}; ops from it will be unavailable.")
+        return [], {}
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        _say(
+            f"torch is not importable in the build environment: not building {EXT_NAME}. "
+            "Install torch first, then build with `pip install --no-build-isolation -e .` (or `make setup`)."
+        )
+        return [], {}
+
+    sources = _sources("torch_bindings.cpp") + _sources("cpu/*.cpp")
+    with_cuda = torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
+    if with_cuda:
+        sources += _sources("cuda/*.cu")
+        _say(f"building {EXT_NAME} with CPU and CUDA kernels (CUDA {torch.version.cuda}, {cpp_extension.CUDA_HOME})")
+        extension_cls = cpp_extension.CUDAExtension
+    else:
+        reason = "torch is a CPU build" if torch.version.cuda is None else "no CUDA toolchain found (CUDA_HOME)"
+        _say(f"building {EXT_NAME} with CPU kernels only: {reason}")
+        extension_cls = cpp_extension.CppExtension
+
+    define = ["-DHOGWILD_WITH_CUDA"] if with_cuda else []
+    extension = extension_cls(
+        name=EXT_NAME,
+        sources=sources,
+        include_dirs=[str(CSRC)],
+        extra_compile_args={"cxx": CXX_FLAGS + define, "nvcc": NVCC_FLAGS + define},
+        # The module only loads the library (ops are reached via torch.ops.hogwild_C), so the stable ABI suffices.
+        py_limited_api=True,
+    )
+    return [extension], {"build_ext": cpp_extension.BuildExtension}  # uses ninja when installed
+
+
+ext_modules, cmdclass = _extension_build()
+
+setup(
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    options={"bdist_wheel": {"py_limited_api": "cp310"}} if ext_modules else {},
+)
