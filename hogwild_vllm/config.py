@@ -148,7 +148,7 @@ class GroupConfig:
         object.__setattr__(self, "banned_token_ids", ids)
 
     @classmethod
-    def from_dict(cls, options: Mapping[str, Any]) -> "GroupConfig":
+    def from_dict(cls, options: Mapping[str, Any]) -> GroupConfig:
         """Build from a request's plain options; unknown keys and bad values raise HogwildConfigError."""
         if not isinstance(options, Mapping):
             raise HogwildConfigError(f"hogwild options must be a mapping, got {type(options).__name__}")

@@ -16,8 +16,9 @@ Driving loop (the reference engine and the vLLM scheduler both do this)::
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from hogwild_vllm.config import GroupConfig, Layout
 
@@ -203,7 +204,7 @@ class GroupState:
             raise ValueError(f"expected {len(self.workers)} sampled tokens, got {len(sampled)}")
         self.generated += len(sampled)
         ended = []
-        for w, (log, tok) in enumerate(zip(self.workers, sampled)):
+        for w, (log, tok) in enumerate(zip(self.workers, sampled, strict=True)):
             text = self.token_text(tok)
             ends = self.cfg.layout.has_steps and self._ends_step(log.step_text, text)
             log.extend([tok], [text], forced=False)

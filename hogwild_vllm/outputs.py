@@ -51,7 +51,7 @@ def group_output(state: GroupState, prompt_ids: list[int], banned: list[int], fo
     forced = [sum(log.forced) for log in state.workers]
     usage = Usage(
         prompt_tokens=len(prompt_ids),
-        generated_tokens=[len(log.tokens) - f for log, f in zip(state.workers, forced)],
+        generated_tokens=[len(log.tokens) - f for log, f in zip(state.workers, forced, strict=True)],
         forced_tokens=forced,
         forward_passes=forward_passes,
         kv_blocks=kv_blocks,

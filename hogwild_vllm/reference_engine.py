@@ -8,10 +8,11 @@ every token is written before any attention of that layer runs (instant visibili
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -27,7 +28,7 @@ from hogwild_vllm.rope import DeltaRope, delta_rope_for_model
 
 ATTENTION_NAME = "hogwild_reference"
 # attention(query, key_cache, value_cache, block_tables, table, rope, scale) -> out [T, Hq, Dv]
-AttentionFn = Callable[..., torch.Tensor]
+AttentionFn = Callable[..., Any]
 
 
 class PagedKV:
@@ -77,7 +78,6 @@ class _Pass:
     table: SegmentTable
     rope: DeltaRope
     attention: AttentionFn
-    trace: list[dict[str, torch.Tensor]] | None = None
 
 
 _CURRENT: list[_Pass] = []
@@ -90,13 +90,11 @@ def _hogwild_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.
     if not _CURRENT:
         raise RuntimeError(f"the '{ATTENTION_NAME}' attention only runs inside ReferenceEngine")
     p = _CURRENT[-1]
-    layer = module.layer_idx  # type: ignore[attr-defined]
+    layer = int(module.layer_idx)  # type: ignore[arg-type]
     q = query[0].transpose(0, 1)  # [T, Hq, D]
     write_kv_reference(key[0].transpose(0, 1), value[0].transpose(0, 1), p.kv.key[layer], p.kv.value[layer], p.slots)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
     out = p.attention(q, p.kv.key[layer], p.kv.value[layer], p.block_tables, p.table, p.rope, scale)
-    if p.trace is not None:
-        p.trace.append({"layer": torch.tensor(layer), "query": q.detach().clone(), "out": out.detach().clone()})
     return out.unsqueeze(0), None  # [1, T, Hq, Dv]
 
 
@@ -239,15 +237,16 @@ class ReferenceEngine:
         """Feed ``tokens`` (source ``sources[i]``, natural position from ``queries``); returns logits [T, vocab]."""
         flat = [q for qs in queries for q in qs]
         assert len(flat) == len(tokens) == len(sources)
-        slots = torch.tensor([kv.slot(rows[s], q.natural) for s, q in zip(sources, flat)], dtype=torch.int64)
+        slots = [kv.slot(rows[s], q.natural) for s, q in zip(sources, flat, strict=True)]
         table = segment_table(views, queries, rows.__getitem__, self.device)
         block_tables = kv.block_tables().to(self.device)
-        p = _Pass(kv, slots.to(self.device), block_tables, table, self.rope, self.attention)
+        slot_mapping = torch.tensor(slots, dtype=torch.int64, device=self.device)  # [T]
+        p = _Pass(kv, slot_mapping, block_tables, table, self.rope, self.attention)
         input_ids = torch.tensor([tokens], device=self.device)  # [1, T]
         positions = torch.tensor([[q.natural for q in flat]], device=self.device)  # [1, T]
         with _running(p):
             logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
-        return logits, ((table, block_tables, slots) if keep_tables else None)
+        return logits, ((table, block_tables, p.slots) if keep_tables else None)
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> list[int]:

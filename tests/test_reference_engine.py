@@ -54,7 +54,7 @@ def test_one_worker_equals_plain_greedy(model_path, engines):
     paged, _ = engines
     cfg = GroupConfig(workers=1, layout=Layout.CONTIGUOUS, max_tokens=48, templates=NO_ANSWER)
     out = paged.generate(PROBLEM, cfg)
-    intro = [t for t, f in zip(out.workers[0].token_ids, out.workers[0].forced) if f]
+    intro = [t for t, f in zip(out.workers[0].token_ids, out.workers[0].forced, strict=True) if f]
     assert out.workers[0].forced == [True] * len(intro) + [False] * (48 - len(intro))
 
     hf = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32, attn_implementation="eager")
@@ -78,7 +78,7 @@ def test_logits_equal_dense_views(engines, layout, workers):
     ref = dense.generate(PROBLEM, cfg, record=want)
     assert [w.token_ids for w in out.workers] == [w.token_ids for w in ref.workers]
     assert len(got) == len(want) == out.usage.forward_passes - 1
-    for a, b in zip(got, want):
+    for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.logits, b.logits, atol=LOGIT_ATOL, rtol=0)
         assert torch.equal(a.table.segments, b.table.segments)
     # The views grew: every worker read its peers' tokens (the combined/contiguous views hold them).
@@ -106,7 +106,7 @@ def test_banned_tokens_never_sampled(engines):
     banned = set(out.banned_token_ids)
     assert banned  # eos, end-of-turn, header start
     for w in out.workers:
-        assert not any(t in banned for t, f in zip(w.token_ids, w.forced) if not f)
+        assert not any(t in banned for t, f in zip(w.token_ids, w.forced, strict=True) if not f)
 
 
 def test_finisher_is_plain_greedy_over_transcript(model_path, engines):
