@@ -7,8 +7,11 @@ __version__ = "0.1.0"
 
 
 def register() -> None:
-    """vLLM ``general_plugins`` entry point (runs in every vLLM process, maybe more than once).
+    """vLLM ``general_plugins`` entry point (runs in every vLLM process, maybe more than once; idempotent).
 
-    Registers nothing yet: the attention backend, scheduler and sampler arrive with the vLLM integration.
-    Must stay idempotent and cheap (no heavy imports at call time).
+    Registers the HOGWILD attention backend and the selector hook that picks it when an engine switches the
+    plugin on (``additional_config={"hogwild": {...}}``); with the plugin off, vLLM behaves as without it.
     """
+    from hogwild_vllm.compat import register_backend
+
+    register_backend()

@@ -1,0 +1,1 @@
+"""The vLLM attention backend (imported by vLLM through its registered path only)."""
