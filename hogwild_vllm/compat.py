@@ -82,5 +82,5 @@ def register_backend() -> None:
             return BACKEND_PATH
         return str(original(selected_backend, attn_selector_config, *args, **kwargs))
 
-    current_platform.get_attn_backend_cls = get_attn_backend_cls  # type: ignore[method-assign]
+    current_platform.get_attn_backend_cls = get_attn_backend_cls
     _PATCHED.append(True)

@@ -148,5 +148,6 @@ class HogwildAttentionImpl(AttentionImpl[HogwildMetadata]):
         key_cache, value_cache = self._split(kv_cache)
         out = hogwild_attention_reference(query[:n], key_cache, value_cache, attn_metadata.block_table,
                                           attn_metadata.table, self.rope, self.scale)
+        assert isinstance(out, torch.Tensor)
         output[:n].view(n, self.num_heads, -1).copy_(out)  # [n, Hq, D]
         return output
