@@ -1,0 +1,85 @@
+"""Throughput of the reference engine: a hogwild group of N workers against one plain sequence, same script.
+
+    python benchmarks/bench_reference_engine.py [--model PATH] [--workers 1 2 4] [--tokens 64] [--out results/]
+
+The baseline is ``ReferenceEngine.generate_plain`` (one ordinary greedy sequence through the same paged
+reference attention) run in the same process, so the ratio isolates the cost of serving N workers in one batch.
+This engine is the correctness oracle, not the fast path: the figures say how long the oracle takes, nothing more.
+Writes a CSV and a PNG plot (if matplotlib is installed) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import platform
+import time
+from pathlib import Path
+
+import torch
+import transformers
+
+from hogwild_vllm.config import GroupConfig, Templates
+from hogwild_vllm.reference_engine import ReferenceEngine
+
+PROBLEM = "A farmer has 17 sheep and buys 5 more each week. How many sheep after 6 weeks?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--tokens", type=int, default=64, help="own tokens per worker")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args()
+    model = args.model
+    if model is None:
+        from hogwild_vllm.testing.tiny_models import build_tiny_model
+
+        model = str(build_tiny_model("qwen2"))
+    engine = ReferenceEngine(model)
+    no_answer = Templates(answer_marker="\\neveranswered{")
+    rows = []
+    prompt = engine.generate(PROBLEM, GroupConfig(workers=1, max_tokens=2, templates=no_answer)).prompt_token_ids
+    t0 = time.perf_counter()
+    engine.generate_plain(prompt, args.tokens)
+    base = args.tokens / (time.perf_counter() - t0)
+    rows.append({"run": "plain sequence", "workers": 1, "tokens": args.tokens, "tokens_per_s": base, "ratio": 1.0})
+    for n in args.workers:
+        cfg = GroupConfig(workers=n, max_tokens=args.tokens, templates=no_answer)
+        t0 = time.perf_counter()
+        out = engine.generate(PROBLEM, cfg)
+        total = sum(len(w.token_ids) for w in out.workers)
+        rate = total / (time.perf_counter() - t0)
+        rows.append({"run": f"hogwild x{n}", "workers": n, "tokens": total, "tokens_per_s": rate,
+                     "ratio": rate / base})
+    env = (f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
+           f"transformers {transformers.__version__}, model {Path(model).name}")
+    print(env)
+    print(f"{'run':<16}{'workers':>8}{'tokens':>8}{'tok/s':>10}{'vs plain':>10}")
+    for r in rows:
+        print(f"{r['run']:<16}{r['workers']:>8}{r['tokens']:>8}{r['tokens_per_s']:>10.1f}{r['ratio']:>10.2f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_reference_engine.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["environment"])
+        w.writeheader()
+        w.writerows({**r, "environment": env} for r in rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.bar([r["run"] for r in rows], [r["tokens_per_s"] for r in rows], color="tab:blue")
+    ax.set_ylabel("total tokens / s")
+    ax.set_title("Reference engine (oracle) throughput", fontsize=10)
+    fig.text(0.01, 0.01, env, fontsize=6)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(out / "bench_reference_engine.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
