@@ -19,6 +19,9 @@ from hogwild_vllm.testing.tiny_models import build_tiny_model
 PROBLEM = "Tom has 3 apples and buys 4 more. How many apples does he have?"
 # An answer marker the tiny models never write, so runs last their whole budget.
 NO_ANSWER = Templates(answer_marker="\\neveranswered{")
+# The tiny models write paragraph breaks as two "\n" tokens; a one-newline separator makes steps commit often, so
+# views hold history, headers and collaboration checks.
+STEPPY = Templates(answer_marker="\\neveranswered{", step_separator="\n")
 ENGINE_KINDS = ("qwen2", "llama3", "glm4")
 LOGIT_ATOL = 2e-4  # fp32: paged op vs dense oracle, after a whole forward pass
 
@@ -71,7 +74,7 @@ def test_one_worker_equals_plain_greedy(model_path, engines):
 @pytest.mark.parametrize("workers", [2, 3, 4])
 def test_logits_equal_dense_views(engines, layout, workers):
     paged, dense = engines
-    cfg = GroupConfig(workers=workers, layout=layout, max_tokens=40, collab_check_every=30, templates=NO_ANSWER)
+    cfg = GroupConfig(workers=workers, layout=layout, max_tokens=48, collab_check_every=30, templates=STEPPY)
     got: list[PassRecord] = []
     want: list[PassRecord] = []
     out = paged.generate(PROBLEM, cfg, record=got)
@@ -81,6 +84,9 @@ def test_logits_equal_dense_views(engines, layout, workers):
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a.logits, b.logits, atol=LOGIT_ATOL, rtol=0)
         assert torch.equal(a.table.segments, b.table.segments)
+    if layout.has_steps:  # steps were committed: headers beyond the intro were forced
+        intro = len(paged.codec.encode(cfg.templates.intro_text(cfg.worker_names[0])))
+        assert max(out.usage.forced_tokens) > intro + 4
     # The views grew: every worker read its peers' tokens (the combined/contiguous views hold them).
     last = got[-1].table
     assert last.num_views == workers
