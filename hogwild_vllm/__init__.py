@@ -10,8 +10,11 @@ def register() -> None:
     """vLLM ``general_plugins`` entry point (runs in every vLLM process, maybe more than once; idempotent).
 
     Registers the HOGWILD attention backend and the selector hook that picks it when an engine switches the
-    plugin on (``additional_config={"hogwild": {...}}``); with the plugin off, vLLM behaves as without it.
+    plugin on (``additional_config={"hogwild": {...}}``), and the config hook that makes such an engine use
+    HogwildScheduler, synchronous scheduling and the V1 model runner (or refuses features groups cannot run with);
+    with the plugin off, vLLM behaves as without it.
     """
-    from hogwild_vllm.compat import register_backend
+    from hogwild_vllm.compat import register_backend, register_config_hook
 
     register_backend()
+    register_config_hook()

@@ -8,11 +8,27 @@ Patches (each: why / how / upstream status / removal plan):
    wrapped selector returns the HOGWILD backend for decoder attention; otherwise it defers to the original.
    Upstream: no hook exists in 0.32. Removal: once the CPU platform honours the selected backend, select HOGWILD
    through ``attention_config.backend`` instead.
+2. ``Platform.check_and_update_config`` (the last word on the engine config, ``VllmConfig.__post_init__``).
+   Why: groups need synchronous scheduling, ``HogwildScheduler``, the V1 model runner (``_update_states``,
+   ``input_batch.token_ids_cpu``), and cannot run with speculative decoding, pipeline parallelism, KV/EC
+   connectors, ``kv_sharing_fast_prefill``, MLA or ``skip_tokenizer_init``. How: when the plugin is switched on,
+   the wrapped hook refuses those features with an error naming the option (before the platform hook runs), then,
+   after it, checks the vLLM version, sets ``scheduler_config.async_scheduling = False`` (logged once if it
+   changed), sets ``scheduler_config.scheduler_cls`` to HogwildScheduler when unset (another class must subclass
+   it), and sets ``VLLM_USE_V2_MODEL_RUNNER=0`` in the environment when unset (EngineCore and the workers are
+   spawned later and inherit it; a user's ``=1`` is an error). With the plugin off it only calls the original.
+   Upstream: no plugin hook for engine-config changes in 0.32 (``general_plugins`` run before config creation,
+   ``engine/arg_utils.py``). Removal: when vLLM offers a config hook for plugins, or once groups work with async
+   scheduling and Model Runner V2 (then only the refusals and scheduler_cls remain).
+
+Request validation is not a patch: ``hogwild_vllm.validation.HogwildRequestValidator`` is a public
+``vllm.logits_processors`` entry point whose ``validate_params`` runs in the frontend for every request.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 SUPPORTED_VLLM = ("0.32.0",)
@@ -84,3 +100,121 @@ def register_backend() -> None:
 
     current_platform.get_attn_backend_cls = get_attn_backend_cls
     _PATCHED.append(True)
+
+
+# --- Config hook -----------------------------------------------------------------------------------------------
+
+SCHEDULER_PATH = "hogwild_vllm.scheduler.HogwildScheduler"
+V2_RUNNER_ENV = "VLLM_USE_V2_MODEL_RUNNER"
+_CONFIG_PATCHED: list[bool] = []
+_LOGGED: set[str] = set()
+
+
+def _log_once(key: str, message: str) -> None:
+    if key in _LOGGED:
+        return
+    _LOGGED.add(key)
+    from vllm.logger import init_logger
+
+    # Under the "vllm" logger, which vLLM configures (a logger outside it would drop INFO messages).
+    init_logger(f"vllm.{__name__}").info(message)
+
+
+def refusals(vllm_config: Any) -> list[str]:
+    """Engine features hogwild groups cannot run with, each naming the option to change (empty when fine)."""
+    found: list[str] = []
+    if getattr(vllm_config, "speculative_config", None) is not None:
+        found.append("speculative decoding (speculative_config / --speculative-config) is not supported")
+    parallel = getattr(vllm_config, "parallel_config", None)
+    pp = getattr(parallel, "pipeline_parallel_size", 1) or 1
+    if pp > 1:
+        found.append(f"pipeline_parallel_size={pp} is not supported; use pipeline_parallel_size=1")
+    if getattr(vllm_config, "kv_transfer_config", None) is not None:
+        found.append("a KV connector (kv_transfer_config / --kv-transfer-config) is not supported")
+    if getattr(vllm_config, "ec_transfer_config", None) is not None:
+        found.append("an EC connector (ec_transfer_config / --ec-transfer-config) is not supported")
+    cache = getattr(vllm_config, "cache_config", None)
+    if getattr(cache, "kv_sharing_fast_prefill", False):
+        found.append("kv_sharing_fast_prefill=True is not supported")
+    model = getattr(vllm_config, "model_config", None)
+    if model is not None and getattr(model, "use_mla", False):
+        found.append("MLA models (multi-head latent attention, e.g. DeepSeek-V2/V3) are not supported")
+    if model is not None and getattr(model, "skip_tokenizer_init", False):
+        found.append("skip_tokenizer_init=True is not supported (groups need the tokenizer)")
+    return found
+
+
+def _check_scheduler_cls(scheduler_config: Any) -> None:
+    current = getattr(scheduler_config, "scheduler_cls", None)
+    if current is None or current == SCHEDULER_PATH:
+        scheduler_config.scheduler_cls = SCHEDULER_PATH
+        return
+    from hogwild_vllm.scheduler import HogwildScheduler
+
+    cls = current
+    if isinstance(current, str):
+        from vllm.utils.import_utils import resolve_obj_by_qualname
+
+        cls = resolve_obj_by_qualname(current)
+    if not (isinstance(cls, type) and issubclass(cls, HogwildScheduler)):
+        raise ValueError(
+            f"hogwild: scheduler_cls={current!r} is not a subclass of {SCHEDULER_PATH}; leave scheduler_cls unset "
+            "(the plugin sets it) or subclass HogwildScheduler"
+        )
+
+
+def _force_v1_runner() -> None:
+    value = os.environ.get(V2_RUNNER_ENV)
+    if value is None or value.strip() == "":
+        # EngineCore and the workers are spawned after this hook runs and inherit the variable.
+        os.environ[V2_RUNNER_ENV] = "0"
+        _log_once("v1", "hogwild: using the V1 model runner (VLLM_USE_V2_MODEL_RUNNER=0)")
+        return
+    if value.strip().lower() not in ("0", "false"):
+        raise ValueError(
+            f"hogwild: {V2_RUNNER_ENV}={value} is not supported (groups need the V1 model runner); "
+            f"unset it or set {V2_RUNNER_ENV}=0"
+        )
+
+
+def apply_hogwild_config(vllm_config: Any) -> None:
+    """Make an engine that has the plugin switched on runnable by hogwild groups (see patch 2 above)."""
+    check_vllm_version()
+    found = refusals(vllm_config)
+    if found:
+        raise ValueError("hogwild: the plugin is switched on (additional_config['hogwild']) but " + "; ".join(found))
+    if getattr(getattr(vllm_config, "attention_config", None), "hisparse_config", None) is not None:
+        raise ValueError("hogwild: attention_config.hisparse_config is not supported (it requires Model Runner V2)")
+    if getattr(vllm_config, "watermark_config", None) is not None:
+        raise ValueError("hogwild: watermark_config is not supported (it requires Model Runner V2)")
+    scheduler_config = vllm_config.scheduler_config
+    if scheduler_config.async_scheduling is not False:
+        scheduler_config.async_scheduling = False
+        _log_once("async", "hogwild: async scheduling switched off (groups need synchronous scheduling)")
+    _check_scheduler_cls(scheduler_config)
+    _force_v1_runner()
+
+
+def register_config_hook() -> None:
+    """Wrap the platform's ``check_and_update_config`` (idempotent); a no-op for engines with the plugin off."""
+    if _CONFIG_PATCHED:
+        return
+    from vllm.platforms import current_platform
+
+    original = current_platform.check_and_update_config
+
+    @functools.wraps(original)
+    def check_and_update_config(vllm_config: Any) -> None:
+        on = hogwild_settings(vllm_config) is not None
+        if on:
+            found = refusals(vllm_config)  # before the platform hook, which may fail on them less clearly
+            if found:
+                raise ValueError(
+                    "hogwild: the plugin is switched on (additional_config['hogwild']) but " + "; ".join(found)
+                )
+        original(vllm_config)
+        if on:
+            apply_hogwild_config(vllm_config)
+
+    current_platform.check_and_update_config = check_and_update_config
+    _CONFIG_PATCHED.append(True)

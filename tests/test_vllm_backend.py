@@ -1,5 +1,6 @@
 """The HOGWILD attention backend inside the real vLLM engine (CPU build): selected only when the plugin is switched
-on, and exact for requests outside any group (greedy outputs equal vLLM's own CPU attention)."""
+on, and exact for requests outside any group (greedy outputs equal vLLM's own CPU attention). The same two engine
+runs check the config hook (HogwildScheduler only when on) and the frontend validator (hogwild requests refused)."""
 
 from __future__ import annotations
 
@@ -44,6 +45,25 @@ def test_plain_requests_exact_with_plugin_on(plain_runs):
     assert on == off
 
 
+def test_scheduler_and_runner_only_changed_when_switched_on(plain_runs):
+    on, off = plain_runs["on"], plain_runs["off"]
+    assert on["scheduler"] == "hogwild_vllm.scheduler.HogwildScheduler"
+    assert off["scheduler"] == "vllm.v1.core.sched.scheduler.Scheduler"
+    assert on["async_scheduling"] is False and off["async_scheduling"] is False  # CPU: never async
+    assert on["runner"] == off["runner"] == ["CPUModelRunner"]
+
+
+@pytest.mark.parametrize("mode", ["on", "off"])
+def test_hogwild_requests_rejected_in_the_frontend(plain_runs, mode):
+    """The validator entry point is loaded in every engine: a group request raises VLLMValidationError from
+    LLM.generate (groups are not available yet; bad options are named first), and the plain requests that follow
+    in the same engine still give the exact outputs checked above."""
+    not_yet, bad = plain_runs[mode]["rejected"]
+    assert not_yet["type"] == bad["type"] == "VLLMValidationError"
+    assert "hogwild groups inside vLLM are not available yet" in not_yet["message"]
+    assert "'workers' must be an integer" in bad["message"]
+
+
 def test_register_is_idempotent():
     import hogwild_vllm
     from hogwild_vllm import compat
@@ -51,3 +71,4 @@ def test_register_is_idempotent():
     hogwild_vllm.register()
     hogwild_vllm.register()
     assert compat._PATCHED == [True]
+    assert compat._CONFIG_PATCHED == [True]
