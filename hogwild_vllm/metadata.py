@@ -1,12 +1,31 @@
-"""Turn the layout's per-worker segments and queries into the tensors the attention ops read."""
+"""Turn the layout's per-worker segments and queries into the tensors the attention ops read.
+
+Two producers:
+
+* :func:`segment_table`: views whose sources are layout source ids (``PROMPT``, ``GLUE``, worker index) and a
+  direct map from source to block-table row (the reference engine).
+* The vLLM path: the scheduler turns a group's pass into :class:`RowPlan` s (:func:`plan_rows`), where every
+  source is named by the **request id** that stores it, and sends them in a :class:`HogwildStepMeta` with the
+  ``SchedulerOutput``. The attention metadata builder then calls :func:`build_table` with the runner's final row
+  order: group rows read their plans, every other row gets the plain single segment (:func:`plain_segment_table`).
+
+Storage of a group in vLLM (``docs/vllm_integration_plan.md`` section 3): worker 0's request holds the prompt C at
+positions ``0..|C|-1``; worker ``w``'s own token ``i`` sits at position ``|C| + i`` of worker ``w``'s request; glue
+token ``j`` at ``|C| + j`` of the glue request. These are exactly the layout's natural positions, so a segment keeps
+its ``start`` and only its source changes: ``PROMPT`` -> worker 0's id, ``GLUE`` -> the glue id, ``w`` -> worker w's id.
+
+Pure Python + torch (no vLLM import): the payload must unpickle in the worker process and be unit-testable.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
 
-from hogwild_vllm.layout import Query, Segment
+from hogwild_vllm.layout import GLUE, PROMPT, GroupState, Query, Segment, WorkerPass
 from hogwild_vllm.ops.reference import SegmentTable
 
 
@@ -40,3 +59,305 @@ def segment_table(
         query_view=i32(query_view, (len(query_view),)),  # [T]
         query_pos=i32(query_pos, (len(query_pos), 2)),  # [T, 2]
     )
+
+
+def plain_segment_table(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> SegmentTable:
+    """One view per request with one segment: its own tokens 0..seq_len-1, causal, delta 0.
+
+    query_start_loc: [num_reqs + 1] int32 (CPU); seq_lens: [num_reqs] int32 (CPU), tokens after this step.
+    """
+    num_reqs = seq_lens.shape[0]
+    qsl = query_start_loc[: num_reqs + 1].long()  # [R + 1]
+    q_lens = qsl[1:] - qsl[:-1]  # [R]
+    rows = torch.arange(num_reqs)  # [R]
+    lens = seq_lens[:num_reqs].long()  # [R]
+    zeros = torch.zeros_like(rows)  # [R]
+    segments = torch.stack([rows, zeros, lens, zeros], dim=1)  # [R, 4]: (row, start, length, view_start)
+    query_view = torch.repeat_interleave(rows, q_lens)  # [T]
+    first = (lens - q_lens)[query_view]  # [T] position of each request's first query
+    pos = first + torch.arange(int(qsl[-1])) - qsl[:-1][query_view]  # [T]
+    query_pos = torch.stack([pos, pos], dim=1)  # [T, 2]: natural == view
+    assert int(qsl[-1]) <= num_tokens
+    return SegmentTable(segments.int(), torch.arange(num_reqs + 1, dtype=torch.int32), query_view.int(),
+                        query_pos.int())
+
+
+# ---- the per-step payload (scheduler -> worker) -------------------------------------------------------------
+
+
+class Seg(NamedTuple):
+    """Tokens ``start .. start+length-1`` of request ``source_id`` (its positions) at view positions from
+    ``view_start``: a :class:`~hogwild_vllm.layout.Segment` whose source is named by request id."""
+
+    source_id: str
+    start: int
+    length: int
+    view_start: int
+
+
+class QueryRun(NamedTuple):
+    """``length`` consecutive query tokens: natural positions ``natural + k``, view positions ``view + k``."""
+
+    natural: int
+    view: int
+    length: int
+
+
+class RowView(NamedTuple):
+    """One view of a row and the row's queries that use it (in token order)."""
+
+    segments: tuple[Seg, ...]
+    queries: tuple[QueryRun, ...]
+
+
+@dataclass(frozen=True)
+class RowPlan:
+    """One scheduled child request (worker or glue) of a group in one step.
+
+    ``views`` in order; the row's scheduled tokens are the queries of ``views[0]``, then of ``views[1]``, ...
+    A worker row has one view; the glue row has one view per glue piece. Queries come as runs (a prompt chunk of
+    thousands of tokens is one run), so the payload stays small. Invariants (checked at construction, not on
+    unpickling): the row's naturals are consecutive (they are a contiguous range of its request), and every query
+    token is a key of its own view at its own view position, in a segment of this request.
+    """
+
+    request_id: str
+    views: tuple[RowView, ...]
+
+    def __post_init__(self) -> None:
+        assert self.views, f"{self.request_id}: a row needs at least one view"
+        expect: int | None = None
+        for view in self.views:
+            assert view.queries, f"{self.request_id}: a view without queries"
+            end = 0
+            for s in view.segments:
+                assert s.start >= 0 and s.length > 0 and s.view_start >= end, (self.request_id, view.segments)
+                end = s.view_start + s.length
+            for run in view.queries:
+                assert run.length > 0 and (expect is None or run.natural == expect), (self.request_id, view.queries)
+                expect = run.natural + run.length
+                assert any(s.source_id == self.request_id and s.view_start - s.start == run.view - run.natural
+                           and s.start <= run.natural and expect <= s.start + s.length for s in view.segments), (
+                    f"{self.request_id}: queries {run} are not own keys of their view")
+
+    @property
+    def num_queries(self) -> int:
+        return sum(run.length for view in self.views for run in view.queries)
+
+    @property
+    def first_natural(self) -> int:
+        return self.views[0].queries[0].natural
+
+    def sources(self) -> set[str]:
+        return {s.source_id for view in self.views for s in view.segments}
+
+
+@dataclass(frozen=True)
+class HogwildStepMeta:
+    """What the scheduler sends with ``SchedulerOutput`` (as ``out.hogwild``) for one step.
+
+    rows:         scheduled group child id -> its plan (plain rows are absent: they get the plain single segment).
+    extra_blocks: request id -> block ids, for every source a row reads that is not scheduled this step (so not
+                  in the runner's batch): the glue request after pass 0. ``unscheduled_sources(rows)`` lists them.
+    forced:       request id -> forced token ids appended after the sampled token (plan section 4.1, option B).
+    """
+
+    rows: dict[str, RowPlan] = field(default_factory=dict)
+    extra_blocks: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    forced: dict[str, tuple[int, ...]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for rid, row in self.rows.items():
+            assert rid == row.request_id, f"rows[{rid!r}] holds the plan of {row.request_id!r}"
+        both = set(self.extra_blocks) & set(self.rows)
+        assert not both, f"scheduled rows {sorted(both)} must not be in extra_blocks"
+
+
+def unscheduled_sources(rows: Mapping[str, RowPlan]) -> list[str]:
+    """Request ids read by some row but not scheduled as a row (sorted): each needs ``extra_blocks``."""
+    read: set[str] = set()
+    for row in rows.values():
+        read |= row.sources()
+    return sorted(read - set(rows))
+
+
+def _runs(queries: Sequence[Query]) -> tuple[QueryRun, ...]:
+    runs: list[QueryRun] = []
+    for q in queries:
+        last = runs[-1] if runs else None
+        if last and q.natural == last.natural + last.length and q.view == last.view + last.length:
+            runs[-1] = QueryRun(last.natural, last.view, last.length + 1)
+        else:
+            runs.append(QueryRun(q.natural, q.view, 1))
+    return tuple(runs)
+
+
+def _row_view(segments: Sequence[Segment], queries: Sequence[Query], name: Callable[[int], str]) -> RowView:
+    return RowView(tuple(Seg(name(s.source), s.start, s.length, s.view_start) for s in segments), _runs(queries))
+
+
+def source_names(state: GroupState, worker_ids: Sequence[str], glue_id: str | None) -> dict[int, str]:
+    """The request id of every layout source: ``PROMPT`` -> worker 0's, ``GLUE`` -> the glue request's, ``w`` ->
+    worker w's. ``glue_id`` may be None only for a group without glue (contiguous layout)."""
+    if len(worker_ids) != len(state.workers) or len(set(worker_ids)) != len(worker_ids):
+        raise ValueError(f"need {len(state.workers)} distinct worker request ids, got {list(worker_ids)}")
+    names: dict[int, str] = {PROMPT: worker_ids[0], **dict(enumerate(worker_ids))}
+    if glue_id is not None:
+        if glue_id in worker_ids:
+            raise ValueError(f"the glue request id {glue_id!r} is also a worker's")
+        names[GLUE] = glue_id
+    elif state.glue_tokens:
+        raise ValueError("this group has glue: give the glue request id")
+    return names
+
+
+def plan_rows(state: GroupState, source_ids: Mapping[int, str], pass0_chunk: tuple[int, int] | None = None,
+              plans: Sequence[WorkerPass] | None = None) -> dict[str, RowPlan]:
+    """The rows of one group for one step, keyed by request id (see :func:`source_names` for ``source_ids``).
+
+    Pass 0 (``pass0_chunk=(start, end)``): worker 0 computes prompt tokens ``start..end-1`` over the prompt written
+    so far (``0..end-1``, causal); in the step of the last chunk (``end == prompt_len``) the glue row joins with
+    one view per glue piece (``GroupState.glue_views``). Every later step (``pass0_chunk=None``): one row per worker
+    from ``plans`` (default ``state.plan_pass()``; call before ``state.mark_fed()``): its fed tokens are its queries.
+    """
+    def name(source: int) -> str:
+        try:
+            return source_ids[source]
+        except KeyError:
+            raise ValueError(f"no request id for layout source {source}") from None
+
+    rows: list[RowPlan] = []
+    if pass0_chunk is not None:
+        start, end = pass0_chunk
+        if not 0 <= start < end <= state.prompt_len:
+            raise ValueError(f"pass-0 chunk {pass0_chunk} is not a non-empty range of the prompt "
+                             f"(length {state.prompt_len})")
+        if plans is not None:
+            raise ValueError("pass 0 takes no worker plans")
+        view = [Segment(PROMPT, 0, end, 0)]
+        rows.append(RowPlan(name(PROMPT), (_row_view(view, [Query(i, i) for i in range(start, end)], name),)))
+        glue = state.glue_views()
+        if end == state.prompt_len and glue:
+            rows.append(RowPlan(name(GLUE), tuple(_row_view(segs, qs, name) for segs, qs in glue)))
+    else:
+        plans = state.plan_pass() if plans is None else plans
+        if len(plans) != len(state.workers):
+            raise ValueError(f"expected {len(state.workers)} worker plans, got {len(plans)}")
+        for w, plan in enumerate(plans):
+            if not plan.queries:
+                raise ValueError(f"worker {w} feeds no token in this pass")
+            rows.append(RowPlan(name(w), (_row_view(plan.segments, plan.queries, name),)))
+    out = {row.request_id: row for row in rows}
+    if len(out) != len(rows):
+        raise ValueError(f"two rows share a request id: {[row.request_id for row in rows]}")
+    return out
+
+
+# ---- the builder side (worker process) ----------------------------------------------------------------------
+
+
+class StaleStepError(ValueError):
+    """The step payload does not match the batch the runner built (row set, query counts or lengths)."""
+
+
+def _ints(values: torch.Tensor | Sequence[int], count: int, what: str) -> list[int]:
+    out = values.tolist() if isinstance(values, torch.Tensor) else list(values)
+    if len(out) < count:
+        raise StaleStepError(f"{what} has {len(out)} entries, the batch needs {count}")
+    return [int(v) for v in out[:count]]
+
+
+def build_table(meta: HogwildStepMeta | None, batch_req_ids: Sequence[str],
+                query_start_loc: torch.Tensor | Sequence[int], seq_lens: torch.Tensor | Sequence[int],
+                block_table: torch.Tensor, device: torch.device | str | None = None,
+                ) -> tuple[SegmentTable, torch.Tensor]:
+    """The SegmentTable of one step for the runner's rows, and the block table it indexes.
+
+    batch_req_ids: request id of each batch row (the runner's final order); query_start_loc: [num_reqs + 1]
+    (row r's query tokens are ``query_start_loc[r]..query_start_loc[r+1]-1``); seq_lens: [num_reqs], tokens of
+    each request after this step; block_table: [>= num_reqs, max_blocks] int32.
+    Group rows (in ``meta.rows``) get their plan's views, sources mapped to the row of their request id, or to an
+    extra block-table row appended (in order of first use) from ``meta.extra_blocks``, zero-padded to the table
+    width. Other rows get one plain segment, as :func:`plain_segment_table`. Query order is batch order. Raises
+    :class:`StaleStepError` when the payload and the batch disagree. The table lands on ``device`` (default: the
+    block table's); the block table is returned unchanged when no extra row is needed.
+    """
+    device = block_table.device if device is None else device
+    num_reqs = len(batch_req_ids)
+    qsl = _ints(query_start_loc, num_reqs + 1, "query_start_loc")
+    lens = _ints(seq_lens, num_reqs, "seq_lens")
+    if block_table.dim() != 2 or block_table.shape[0] < num_reqs:
+        raise StaleStepError(f"block table {tuple(block_table.shape)} has fewer than {num_reqs} rows")
+    rows = meta.rows if meta is not None else {}
+    index = {rid: r for r, rid in enumerate(batch_req_ids)}
+    if len(index) != num_reqs:
+        raise StaleStepError(f"a request id appears twice in the batch: {list(batch_req_ids)}")
+    missing = [rid for rid in rows if rid not in index]
+    if missing:
+        raise StaleStepError(f"group rows {missing} are planned but not in the batch {list(batch_req_ids)}")
+
+    extra: list[str] = []
+
+    def row_of(rid: str, start: int, length: int, reader: str) -> int:
+        r = index.get(rid)
+        if r is not None:
+            if start + length > lens[r]:
+                raise StaleStepError(f"{reader} reads tokens {start}..{start + length - 1} of {rid!r}, "
+                                     f"which holds {lens[r]}")
+            return r
+        if meta is None or rid not in meta.extra_blocks:
+            raise StaleStepError(f"{reader} reads {rid!r}, which is neither in the batch nor in extra_blocks")
+        if rid not in extra:
+            extra.append(rid)
+        return num_reqs + extra.index(rid)
+
+    segs: list[tuple[int, int, int, int]] = []
+    offsets = [0]
+    runs: list[tuple[int, int, int, int]] = []  # (view, natural, view position, count) in batch query order
+    for r, rid in enumerate(batch_req_ids):
+        q_len = qsl[r + 1] - qsl[r]
+        plan = rows.get(rid)
+        if plan is None:
+            segs.append((r, 0, lens[r], 0))
+            offsets.append(len(segs))
+            if q_len:
+                runs.append((len(offsets) - 2, lens[r] - q_len, lens[r] - q_len, q_len))
+            continue
+        if plan.num_queries != q_len or plan.first_natural + q_len != lens[r]:
+            raise StaleStepError(
+                f"row {r} ({rid!r}) is scheduled for {q_len} tokens ending at position {lens[r]}, but its plan has "
+                f"{plan.num_queries} queries from position {plan.first_natural}")
+        for view in plan.views:
+            segs.extend((row_of(s.source_id, s.start, s.length, rid), s.start, s.length, s.view_start)
+                        for s in view.segments)
+            offsets.append(len(segs))
+            runs.extend((len(offsets) - 2, *run) for run in view.queries)
+
+    run_t = torch.tensor(runs, dtype=torch.int64).reshape(-1, 4)  # [Rn, 4]
+    counts = run_t[:, 3]  # [Rn]
+    total = int(counts.sum())
+    if total != qsl[num_reqs] - qsl[0]:
+        raise StaleStepError(f"the rows hold {total} query tokens, query_start_loc says {qsl[num_reqs] - qsl[0]}")
+    starts = torch.cumsum(counts, 0) - counts  # [Rn] first token of each run (every run is non-empty)
+    run_of = torch.zeros(total, dtype=torch.int64)  # [T]; repeat_interleave is far slower on CPU at this size
+    run_of[starts[1:]] = 1
+    run_of = torch.cumsum(run_of, 0)  # [T] the run of each query token
+    within = torch.arange(total) - starts[run_of]  # [T] index inside its run
+    query_pos = run_t[run_of, 1:3] + within[:, None]  # [T, 2]
+    table = SegmentTable(
+        segments=torch.tensor(segs, dtype=torch.int32).reshape(-1, 4).to(device),  # [S, 4]
+        view_offsets=torch.tensor(offsets, dtype=torch.int32).to(device),  # [V + 1]
+        query_view=run_t[run_of, 0].int().to(device),  # [T]
+        query_pos=query_pos.int().to(device),  # [T, 2]
+    )
+    if not extra:
+        return table, block_table
+    width = block_table.shape[1]
+    assert meta is not None
+    added = torch.zeros(len(extra), width, dtype=block_table.dtype)  # [E, max_blocks]
+    for i, rid in enumerate(extra):
+        blocks = meta.extra_blocks[rid]
+        if len(blocks) > width:
+            raise StaleStepError(f"{rid!r} has {len(blocks)} blocks, the block table holds {width} per row")
+        added[i, : len(blocks)] = torch.tensor(blocks, dtype=block_table.dtype)
+    return table, torch.cat([block_table[:num_reqs], added.to(block_table.device)])

@@ -24,6 +24,7 @@ from vllm.v1.attention.backend import (
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
 from hogwild_vllm.compat import BACKEND_NAME
+from hogwild_vllm.metadata import plain_segment_table
 from hogwild_vllm.ops.reference import SegmentTable, hogwild_attention_reference, write_kv_reference
 from hogwild_vllm.rope import DeltaRope, delta_rope_for_model
 
@@ -81,27 +82,6 @@ class HogwildMetadataBuilder(AttentionMetadataBuilder[HogwildMetadata]):
         table = SegmentTable(*(t.to(self.device, non_blocking=True) for t in
                               (table.segments, table.view_offsets, table.query_view, table.query_pos)))
         return HogwildMetadata(m.num_actual_tokens, table, m.block_table_tensor, m.slot_mapping)
-
-
-def plain_segment_table(query_start_loc: torch.Tensor, seq_lens: torch.Tensor, num_tokens: int) -> SegmentTable:
-    """One view per request with one segment: its own tokens 0..seq_len-1, causal, delta 0.
-
-    query_start_loc: [num_reqs + 1] int32 (CPU); seq_lens: [num_reqs] int32 (CPU), tokens after this step.
-    """
-    num_reqs = seq_lens.shape[0]
-    qsl = query_start_loc[: num_reqs + 1].long()  # [R + 1]
-    q_lens = qsl[1:] - qsl[:-1]  # [R]
-    rows = torch.arange(num_reqs)  # [R]
-    lens = seq_lens[:num_reqs].long()  # [R]
-    zeros = torch.zeros_like(rows)  # [R]
-    segments = torch.stack([rows, zeros, lens, zeros], dim=1)  # [R, 4]: (row, start, length, view_start)
-    query_view = torch.repeat_interleave(rows, q_lens)  # [T]
-    first = (lens - q_lens)[query_view]  # [T] position of each request's first query
-    pos = first + torch.arange(int(qsl[-1])) - qsl[:-1][query_view]  # [T]
-    query_pos = torch.stack([pos, pos], dim=1)  # [T, 2]: natural == view
-    assert int(qsl[-1]) <= num_tokens
-    return SegmentTable(segments.int(), torch.arange(num_reqs + 1, dtype=torch.int32), query_view.int(),
-                        query_pos.int())
 
 
 class HogwildAttentionImpl(AttentionImpl[HogwildMetadata]):
