@@ -5,6 +5,8 @@
 The baseline is ``ReferenceEngine.generate_plain`` (one ordinary greedy sequence through the same paged
 reference attention) run in the same process, so the ratio isolates the cost of serving N workers in one batch.
 This engine is the correctness oracle, not the fast path: the figures say how long the oracle takes, nothing more.
+A group's token count includes its forced tokens (intro, step headers), which are fed as chunks, so a group with
+one worker already counts more tokens per pass than the plain sequence.
 Writes a CSV and a PNG plot (if matplotlib is installed) under --out.
 """
 
