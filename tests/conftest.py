@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,3 +53,14 @@ def _has_cuda() -> bool:
 def model_cache_dir() -> Path:
     """Where tiny test models are built and cached ($HOGWILD_MODEL_CACHE; see pytest_configure)."""
     return Path(os.environ[MODEL_CACHE_ENV])
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny tensors: one intra-op thread is faster and does not fight other processes for cores."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

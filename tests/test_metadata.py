@@ -163,12 +163,7 @@ def make_state(layout: str, workers: int) -> GroupState:
     return GroupState(cfg, PROMPT_LEN, CODEC)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---- the main check ------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib.util
 import random
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
@@ -98,13 +98,7 @@ def _make_rope(impl: str, style: str, head_size: int) -> DeltaRotation:
     return ROPE_IMPLS[impl](head_size, int(head_size * fraction), is_neox_style)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    """The tensors here are tiny: one intra-op thread is faster and does not fight other processes for cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
