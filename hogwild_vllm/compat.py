@@ -21,6 +21,17 @@ Patches (each: why / how / upstream status / removal plan):
    ``engine/arg_utils.py``). Removal: when vLLM offers a config hook for plugins, or once groups work with async
    scheduling and Model Runner V2 (then only the refusals and scheduler_cls remain).
 
+3. ``GPUModelRunner._update_states`` and ``GPUModelRunner.execute_model`` (class level; ``CPUModelRunner``
+   inherits both). Why: the attention metadata builder never sees the ``SchedulerOutput`` nor the runner's row
+   order, and tokens the scheduler appends to a request (forced step headers) never reach the runner's token
+   history on the last pipeline rank. How: after the original ``_update_states`` (rows removed, added, condensed),
+   the wrapper writes the step's forced tokens (``out.hogwild.forced``) into the runner's history of each worker
+   (``requests[id].output_token_ids``, ``input_batch.token_ids_cpu``, ``is_token_ids``, ``num_tokens_no_spec``) and
+   publishes ``(input_batch.req_ids, out.hogwild)`` as the current step; ``execute_model`` clears it when it
+   returns, so warm-up and profiling runs see none. Steps without ``out.hogwild`` pass straight through.
+   Upstream: Model Runner V2 passes ``req_idx`` to builders, which would remove the row-order half. Removal: port
+   to V2 once it is the only runner.
+
 Request validation is not a patch: ``hogwild_vllm.validation.HogwildRequestValidator`` is a public
 ``vllm.logits_processors`` entry point whose ``validate_params`` runs in the frontend for every request.
 """
@@ -29,7 +40,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Any
+from typing import Any, NamedTuple
 
 SUPPORTED_VLLM = ("0.32.0",)
 BACKEND_NAME = "HOGWILD"
@@ -195,6 +206,15 @@ def apply_hogwild_config(vllm_config: Any) -> None:
     _force_v1_runner()
 
 
+_FRONTEND: list[bool] = [False]
+
+
+def groups_enabled_here() -> bool:
+    """Whether the engine configured last in this process switched the plugin on (read by the frontend
+    validator, which runs in the process that created the engine config)."""
+    return _FRONTEND[0]
+
+
 def register_config_hook() -> None:
     """Wrap the platform's ``check_and_update_config`` (idempotent); a no-op for engines with the plugin off."""
     if _CONFIG_PATCHED:
@@ -206,6 +226,7 @@ def register_config_hook() -> None:
     @functools.wraps(original)
     def check_and_update_config(vllm_config: Any) -> None:
         on = hogwild_settings(vllm_config) is not None
+        _FRONTEND[0] = on
         if on:
             found = refusals(vllm_config)  # before the platform hook, which may fail on them less clearly
             if found:
@@ -218,3 +239,66 @@ def register_config_hook() -> None:
 
     current_platform.check_and_update_config = check_and_update_config
     _CONFIG_PATCHED.append(True)
+
+
+# --- Runner hook (patch 3) -------------------------------------------------------------------------------------
+
+
+class StepContext(NamedTuple):
+    """The step the runner is executing: its row order (request id per batch row) and the group payload."""
+
+    req_ids: list[str]
+    meta: Any  # hogwild_vllm.metadata.HogwildStepMeta
+
+
+_STEP: list[StepContext | None] = [None]
+_RUNNER_PATCHED: list[bool] = []
+
+
+def current_step() -> StepContext | None:
+    """The group payload of the step being executed in this worker process (None outside group steps)."""
+    return _STEP[0]
+
+
+def write_forced(runner: Any, forced: dict[str, tuple[int, ...]]) -> None:
+    """Append forced tokens to the runner's history of each request, after the sampled token already there."""
+    batch = runner.input_batch
+    for rid, toks in forced.items():
+        state, row = runner.requests[rid], batch.req_id_to_index[rid]
+        state.output_token_ids.extend(toks)  # the same list object as batch.req_output_token_ids[row]
+        start = int(batch.num_tokens_no_spec[row])
+        batch.token_ids_cpu[row, start:start + len(toks)] = toks
+        batch.is_token_ids[row, start:start + len(toks)] = True
+        batch.num_tokens_no_spec[row] = start + len(toks)
+
+
+def register_runner_hook() -> None:
+    """Wrap ``GPUModelRunner._update_states`` and ``execute_model`` (idempotent); see patch 3 above."""
+    if _RUNNER_PATCHED:
+        return
+    from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+    update_states = GPUModelRunner._update_states
+    execute_model = GPUModelRunner.execute_model
+
+    @functools.wraps(update_states)
+    def _update_states(self: Any, scheduler_output: Any) -> Any:
+        result = update_states(self, scheduler_output)
+        meta = getattr(scheduler_output, "hogwild", None)
+        if meta is not None:
+            write_forced(self, meta.forced)
+            _STEP[0] = StepContext(list(self.input_batch.req_ids), meta)
+        return result
+
+    @functools.wraps(execute_model)
+    def _execute_model(self: Any, *args: Any, **kwargs: Any) -> Any:
+        _STEP[0] = None
+        try:
+            return execute_model(self, *args, **kwargs)
+        finally:
+            _STEP[0] = None
+
+    _update_states.__hogwild_wrapped__ = True  # type: ignore[attr-defined]
+    GPUModelRunner._update_states = _update_states  # type: ignore[method-assign]
+    GPUModelRunner.execute_model = _execute_model  # type: ignore[method-assign]
+    _RUNNER_PATCHED.append(True)

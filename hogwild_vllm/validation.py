@@ -17,15 +17,14 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from hogwild_vllm.compat import CONFIG_KEY
+from hogwild_vllm.compat import CONFIG_KEY, groups_enabled_here
 from hogwild_vllm.config import GroupConfig, HogwildConfigError
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
 
-# Groups inside the vLLM engine are not implemented yet: every request asking for one is refused in the frontend.
-GROUPS_AVAILABLE = False
-NOT_AVAILABLE = "hogwild groups inside vLLM are not available yet in this version"
+PLUGIN_OFF = ("the hogwild plugin is not switched on for this engine; start it with "
+              "additional_config={'hogwild': {}} (vllm serve --additional-config '{\"hogwild\": {}}')")
 
 
 def _reject(message: str, value: Any = None) -> VLLMValidationError:
@@ -81,8 +80,8 @@ class HogwildRequestValidator(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        if parse_request(sampling_params) is not None and not GROUPS_AVAILABLE:
-            raise _reject(NOT_AVAILABLE, request_options(sampling_params))
+        if parse_request(sampling_params) is not None and not groups_enabled_here():
+            raise _reject(PLUGIN_OFF, request_options(sampling_params))
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         pass

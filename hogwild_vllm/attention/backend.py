@@ -3,7 +3,9 @@
 Per-layer cache: vLLM's logical layout [num_blocks, kv_heads, block_size, 2 * head_size] (LBHNC), keys in the first
 ``head_size`` channels, values in the rest; this backend is the only reader and writer, so nothing depends on a CPU
 ISA packing. Every batch row (request) gets one view; a request outside any hogwild group has a single segment
-(its own tokens at their own positions, delta 0), which is exactly ordinary causal attention.
+(its own tokens at their own positions, delta 0), which is exactly ordinary causal attention. Rows of group
+workers get the views the scheduler planned (``SchedulerOutput.hogwild``, published by the runner hook in
+``compat.py``): segments of peers' rows and of the shared prompt, each with its position delta.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from hogwild_vllm.compat import BACKEND_NAME
-from hogwild_vllm.metadata import plain_segment_table
+from hogwild_vllm.compat import BACKEND_NAME, current_step, register_runner_hook
+from hogwild_vllm.metadata import build_table, plain_segment_table
 from hogwild_vllm.ops.reference import SegmentTable, hogwild_attention_reference, write_kv_reference
 from hogwild_vllm.rope import DeltaRope, delta_rope_for_model
 
@@ -74,14 +76,20 @@ class HogwildMetadata:
 class HogwildMetadataBuilder(AttentionMetadataBuilder[HogwildMetadata]):
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        register_runner_hook()  # this is the worker process: make the runner publish group steps
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HogwildMetadata:
         m = common_attn_metadata
-        table = plain_segment_table(m.query_start_loc_cpu, m.seq_lens.cpu(), m.num_actual_tokens)
-        table = SegmentTable(*(t.to(self.device, non_blocking=True) for t in
-                              (table.segments, table.view_offsets, table.query_view, table.query_pos)))
-        return HogwildMetadata(m.num_actual_tokens, table, m.block_table_tensor, m.slot_mapping)
+        step = current_step()
+        if step is None or not step.meta.rows:  # no group row in this batch: one plain segment per request
+            table = plain_segment_table(m.query_start_loc_cpu, m.seq_lens.cpu(), m.num_actual_tokens)
+            table = SegmentTable(*(t.to(self.device, non_blocking=True) for t in
+                                  (table.segments, table.view_offsets, table.query_view, table.query_pos)))
+            return HogwildMetadata(m.num_actual_tokens, table, m.block_table_tensor, m.slot_mapping)
+        table, block_table = build_table(step.meta, step.req_ids[: m.num_reqs], m.query_start_loc_cpu,
+                                         m.seq_lens.cpu(), m.block_table_tensor, device=self.device)
+        return HogwildMetadata(m.num_actual_tokens, table, block_table, m.slot_mapping)
 
 
 class HogwildAttentionImpl(AttentionImpl[HogwildMetadata]):
