@@ -206,13 +206,13 @@ def apply_hogwild_config(vllm_config: Any) -> None:
     _force_v1_runner()
 
 
-_FRONTEND: list[bool] = [False]
+_FRONTEND: dict[str, bool] = {"on": False}
 
 
 def groups_enabled_here() -> bool:
     """Whether the engine configured last in this process switched the plugin on (read by the frontend
     validator, which runs in the process that created the engine config)."""
-    return _FRONTEND[0]
+    return _FRONTEND["on"]
 
 
 def register_config_hook() -> None:
@@ -226,7 +226,7 @@ def register_config_hook() -> None:
     @functools.wraps(original)
     def check_and_update_config(vllm_config: Any) -> None:
         on = hogwild_settings(vllm_config) is not None
-        _FRONTEND[0] = on
+        _FRONTEND["on"] = on
         if on:
             found = refusals(vllm_config)  # before the platform hook, which may fail on them less clearly
             if found:
@@ -299,6 +299,6 @@ def register_runner_hook() -> None:
             _STEP[0] = None
 
     _update_states.__hogwild_wrapped__ = True  # type: ignore[attr-defined]
-    GPUModelRunner._update_states = _update_states  # type: ignore[method-assign]
-    GPUModelRunner.execute_model = _execute_model  # type: ignore[method-assign]
+    GPUModelRunner._update_states = _update_states
+    GPUModelRunner.execute_model = _execute_model
     _RUNNER_PATCHED.append(True)

@@ -37,6 +37,7 @@ class GroupOutput:
     finish_reason: str
     usage: Usage
     finisher_text: str | None = None
+    finisher_skipped: str | None = None  # why the finisher did not run although it was on
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

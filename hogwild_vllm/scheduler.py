@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vllm.logger import init_logger
+from vllm.sampling_params import SamplingParams
 from vllm.v1.core.sched.interface import PauseState
 from vllm.v1.core.sched.output import NewRequestData, SchedulerOutput
 from vllm.v1.core.sched.scheduler import Scheduler
@@ -41,9 +42,9 @@ from vllm.v1.outputs import ModelRunnerOutput
 from vllm.v1.request import Request, RequestStatus
 
 from hogwild_vllm.config import GroupConfig
-from hogwild_vllm.layout import GroupState
+from hogwild_vllm.layout import GroupState, find_answer
 from hogwild_vllm.metadata import HogwildStepMeta, RowPlan, plan_rows, source_names
-from hogwild_vllm.outputs import group_output
+from hogwild_vllm.outputs import GroupOutput, group_output
 from hogwild_vllm.prompt import HFCodec, banned_token_ids
 from hogwild_vllm.validation import parse_request, request_options
 
@@ -103,18 +104,27 @@ class _Group:
         return source_names(self.state, [w.request_id for w in self.workers], glue_id)
 
 
+@dataclass
+class _Finisher:
+    group: _Group
+    out: GroupOutput
+    request: Request
+    tokens: list[int] = field(default_factory=list)
+
+
 class HogwildScheduler(Scheduler):
     """The synchronous vLLM scheduler plus hogwild groups (see the module docstring)."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Budgets are lowered around each super().schedule(); never touch the engine-wide config object.
-        self.scheduler_config = copy.copy(self.scheduler_config)
+        self.scheduler_config = copy.copy(self.scheduler_config)  # type: ignore[has-type]
         groups = self.kv_cache_config.kv_cache_groups
         if len(groups) != 1:
             raise ValueError(f"hogwild: groups need exactly one KV cache group (one attention type, no sliding "
                              f"window or hybrid layers); this model has {len(groups)}")
         self._groups: dict[str, _Group] = {}  # parent id -> group, in arrival order (pending, live, errored)
+        self._finishers: dict[str, _Finisher] = {}  # finisher request id -> its group's pending result
         self._codec: HFCodec | None = None
         self._eos_ids: list[int] | None = None
 
@@ -207,19 +217,22 @@ class HogwildScheduler(Scheduler):
         waiting = self._admit()
         planned, tokens = self._plan()
         rows = self._reserved_rows()
-        saved = (self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens,
-                 self.max_num_running_reqs, self.max_num_active_reqs)
+        config = self.scheduler_config
+        scheduled = int(self.max_num_scheduled_tokens)  # type: ignore[has-type]
+        batched = int(config.max_num_batched_tokens)
+        running = int(self.max_num_running_reqs)  # type: ignore[has-type]
+        active = int(self.max_num_active_reqs)  # type: ignore[has-type]
         try:
-            self.max_num_scheduled_tokens -= tokens
-            self.scheduler_config.max_num_batched_tokens -= tokens
-            self.max_num_running_reqs -= rows
-            self.max_num_active_reqs = max(0, self.max_num_active_reqs - rows)
+            self.max_num_scheduled_tokens = scheduled - tokens
+            config.max_num_batched_tokens = batched - tokens
+            self.max_num_running_reqs = running - rows
+            self.max_num_active_reqs = max(0, active - rows)
             if waiting:  # a group waits for blocks or rows: admit no newer plain request meanwhile
                 self.max_num_active_reqs = min(self.max_num_active_reqs, len(self.running))
             out = super().schedule(throttle_prefills)
         finally:
-            (self.max_num_scheduled_tokens, self.scheduler_config.max_num_batched_tokens,
-             self.max_num_running_reqs, self.max_num_active_reqs) = saved
+            self.max_num_scheduled_tokens, config.max_num_batched_tokens = scheduled, batched
+            self.max_num_running_reqs, self.max_num_active_reqs = running, active
         self._inject(out, planned)
         return out
 
@@ -351,7 +364,7 @@ class HogwildScheduler(Scheduler):
                 if rid not in group_rows:
                     extra[rid] = tuple(self.kv_cache_manager.get_block_ids(rid)[0])
             g.passes += 1
-        out.hogwild = HogwildStepMeta(rows=rows, extra_blocks=extra, forced=forced)  # type: ignore[attr-defined]
+        out.hogwild = HogwildStepMeta(rows=rows, extra_blocks=extra, forced=forced)
 
     # ---- results --------------------------------------------------------------------------------------------
     def update_from_output(self, scheduler_output: SchedulerOutput,
@@ -383,6 +396,7 @@ class HogwildScheduler(Scheduler):
                     g.forced[child.request_id] = tuple(new[1:])
             if g.state.finished:
                 self._finish_group(outputs, g)
+        self._collect_finishers(outputs)
         return outputs
 
     def _finish_group(self, outputs: dict[int, EngineCoreOutputs], g: _Group) -> None:
@@ -391,7 +405,60 @@ class HogwildScheduler(Scheduler):
         reason = FINISH_REASONS[state.finish_reason or "length"]
         self._release(g, RequestStatus.FINISHED_STOPPED if reason == FinishReason.STOP
                       else RequestStatus.FINISHED_LENGTH_CAPPED)
+        if g.cfg.finisher and out.answer is None and self._start_finisher(g, out):
+            return
         self._emit(outputs, g, reason, transcript_token_ids(state), out.to_dict())
+
+    # ---- the finisher: one ordinary greedy request over prompt + transcript + suffix --------------------------
+    def _start_finisher(self, g: _Group, out: GroupOutput) -> bool:
+        """Queue the finisher as a plain request the base scheduler runs (chunking, preemption and prefix
+        caching as usual); False when it cannot run on this engine (``out.finisher_skipped`` says why)."""
+        suffix = g.cfg.templates.finisher_suffix
+        ids = out.prompt_token_ids + self.codec.encode(out.transcript + suffix)
+        budget = g.cfg.finisher_max_tokens
+        if len(ids) + budget > self.max_model_len:
+            out.finisher_skipped = (f"prompt + transcript + suffix ({len(ids)} tokens) plus finisher_max_tokens "
+                                    f"({budget}) exceeds max_model_len {self.max_model_len}")
+            return False
+        fid = child_id(g.request_id, "finisher")
+        params = SamplingParams(temperature=0.0, max_tokens=budget, stop_token_ids=list(self.eos_ids),
+                                extra_args={"hogwild_finisher": g.request_id})
+        request = Request(request_id=fid, prompt_token_ids=ids, sampling_params=params, pooling_params=None,
+                          client_index=g.parent.client_index, arrival_time=g.parent.arrival_time,
+                          priority=g.parent.priority, block_hasher=g.parent._block_hasher)
+        self._finishers[fid] = _Finisher(g, out, request)
+        super().add_request(request)
+        return True
+
+    def _collect_finishers(self, outputs: dict[int, EngineCoreOutputs]) -> None:
+        """Take the finishers' outputs out of what goes to the frontend; end each at EOS, length or an answer."""
+        if not self._finishers:
+            return
+        for eco in outputs.values():
+            mine = [o for o in eco.outputs if o.request_id in self._finishers]
+            if not mine:
+                continue
+            eco.outputs = [o for o in eco.outputs if o.request_id not in self._finishers]
+            if eco.finished_requests:
+                eco.finished_requests -= set(self._finishers)
+            for o in mine:
+                f = self._finishers[o.request_id]
+                f.tokens.extend(o.new_token_ids)
+                marker = f.group.cfg.templates.answer_marker
+                answer = find_answer(f.group.cfg.templates.finisher_suffix + self.codec.decode(f.tokens), marker)
+                if o.finish_reason is None and answer is not None:
+                    super().finish_requests(o.request_id, RequestStatus.FINISHED_STOPPED)
+                if o.finish_reason is not None or answer is not None:
+                    self._end_finisher(outputs, o.request_id, answer)
+
+    def _end_finisher(self, outputs: dict[int, EngineCoreOutputs], fid: str, answer: str | None) -> None:
+        f = self._finishers.pop(fid)
+        out, state = f.out, f.group.state
+        out.finisher_text = self.codec.decode(f.tokens)
+        out.answer = answer
+        out.usage.finisher_tokens = len(f.tokens)
+        reason = FinishReason.STOP if answer is not None else FINISH_REASONS[state.finish_reason or "length"]
+        self._emit(outputs, f.group, reason, transcript_token_ids(state), out.to_dict())
 
     def _release(self, g: _Group, status: RequestStatus) -> None:
         """Free every child's blocks (shared prompt blocks return at the last free) and drop the group."""
@@ -419,9 +486,20 @@ class HogwildScheduler(Scheduler):
                         finished_status: RequestStatus) -> list[Request]:
         if request_ids is None:
             ended = [self._abort_group(g, finished_status) for g in list(self._groups.values())]
-            return ended + super().finish_requests(None, finished_status)
+            internal = set(self._finishers)
+            for f in self._finishers.values():
+                f.group.parent.status = finished_status
+                ended.append(f.group.parent)
+            self._finishers.clear()
+            return ended + [r for r in super().finish_requests(None, finished_status) if r.request_id not in internal]
         ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
         ended = [self._abort_group(self._groups[i], finished_status) for i in ids if i in self._groups]
+        for fid, f in list(self._finishers.items()):  # a group whose finisher runs: end the finisher with it
+            if f.group.request_id in ids:
+                del self._finishers[fid]
+                super().finish_requests(fid, finished_status)
+                f.group.parent.status = finished_status
+                ended.append(f.group.parent)
         rest = [i for i in ids if i not in self._groups]
         return ended + (super().finish_requests(rest, finished_status) if rest else [])
 

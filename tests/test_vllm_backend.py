@@ -1,31 +1,15 @@
 """The HOGWILD attention backend inside the real vLLM engine (CPU build): selected only when the plugin is switched
 on, and exact for requests outside any group (greedy outputs equal vLLM's own CPU attention). The same two engine
-runs check the config hook (HogwildScheduler only when on) and the frontend validator (hogwild requests refused)."""
+runs check the config hook (HogwildScheduler only when on) and the frontend validator."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from vllm_scripts.launch import run_script
 
 from hogwild_vllm.testing.tiny_models import build_tiny_model
 
-SCRIPTS = Path(__file__).parent / "vllm_scripts"
 pytestmark = pytest.mark.engine
-
-
-def run_script(name: str, *args: str, timeout: int = 600) -> dict:
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", VLLM_TARGET_DEVICE="cpu",
-               VLLM_ALLOW_INSECURE_SERIALIZATION="1")  # collective_rpc with a lambda, to read the backend in use
-    proc = subprocess.run([sys.executable, str(SCRIPTS / name), *args], capture_output=True, text=True,
-                          timeout=timeout, env=env)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT=")]
-    assert proc.returncode == 0 and lines, proc.stderr[-4000:]
-    return json.loads(lines[-1][len("RESULT="):])
 
 
 @pytest.fixture(scope="module")
@@ -54,14 +38,18 @@ def test_scheduler_and_runner_only_changed_when_switched_on(plain_runs):
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])
-def test_hogwild_requests_rejected_in_the_frontend(plain_runs, mode):
-    """The validator entry point is loaded in every engine: a group request raises VLLMValidationError from
-    LLM.generate (groups are not available yet; bad options are named first), and the plain requests that follow
-    in the same engine still give the exact outputs checked above."""
-    not_yet, bad = plain_runs[mode]["rejected"]
-    assert not_yet["type"] == bad["type"] == "VLLMValidationError"
-    assert "hogwild groups inside vLLM are not available yet" in not_yet["message"]
+def test_hogwild_requests_validated_in_the_frontend(plain_runs, mode):
+    """The validator entry point is loaded in every engine: a bad option raises VLLMValidationError from
+    LLM.generate naming it; a valid group runs when the plugin is on and is refused when it is off. The plain
+    requests that follow in the same engine still give the exact outputs checked above."""
+    valid, bad = plain_runs[mode]["rejected"]
+    assert bad["type"] == "VLLMValidationError"
     assert "'workers' must be an integer" in bad["message"]
+    if mode == "on":
+        assert valid["type"] is None, valid
+    else:
+        assert valid["type"] == "VLLMValidationError"
+        assert "the hogwild plugin is not switched on for this engine" in valid["message"]
 
 
 def test_register_is_idempotent():

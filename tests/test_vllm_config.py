@@ -143,7 +143,7 @@ def params(hogwild: Any = None, **kwargs: Any) -> SamplingParams:
 
 @pytest.fixture
 def groups_on(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(validation, "GROUPS_AVAILABLE", True)
+    monkeypatch.setitem(compat._FRONTEND, "on", True)
 
 
 @pytest.mark.parametrize(
@@ -182,13 +182,23 @@ def test_validator_passes_plain_requests():
         assert validation.parse_request(p) is None
 
 
-def test_groups_not_available_yet():
-    assert validation.GROUPS_AVAILABLE is False
-    with pytest.raises(VLLMValidationError, match="not available yet"):
+def test_groups_refused_when_the_plugin_is_off(monkeypatch):
+    monkeypatch.setitem(compat._FRONTEND, "on", False)
+    with pytest.raises(VLLMValidationError, match="the hogwild plugin is not switched on for this engine"):
         validation.HogwildRequestValidator.validate_params(params(GOOD))
     # Bad options still get their own message first.
     with pytest.raises(VLLMValidationError, match="'workers'"):
         validation.HogwildRequestValidator.validate_params(params({"workers": 0}))
+
+
+def test_engine_config_tells_the_frontend_whether_groups_run(tiny, monkeypatch):
+    """The validator runs in the process that built the engine config: the config hook records on / off there."""
+    monkeypatch.setitem(compat._FRONTEND, "on", False)
+    make_config(tiny)
+    assert compat.groups_enabled_here()
+    validation.HogwildRequestValidator.validate_params(params(GOOD))
+    make_config(tiny, on=False)
+    assert not compat.groups_enabled_here()
 
 
 def test_validator_leaves_logits_alone():

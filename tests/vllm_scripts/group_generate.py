@@ -51,7 +51,10 @@ def main() -> None:
             "free_before": free_before,
             "free_after": pool.get_num_free_blocks() if pool is not None else None,
         })
-    print("RESULT=" + json.dumps({"batches": results}))
+    report = {"batches": results}
+    if not engine.get("disable_log_stats", True):
+        report["preemptions"] = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
+    print("RESULT=" + json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 usage: python plain_generate.py MODEL on|off  (on: the hogwild plugin is switched on for this engine)
 
-Before the plain requests, two hogwild requests go through the same engine; their errors (type and message) are
-reported, so the plain outputs also show that the engine is unharmed by rejected requests.
+Before the plain requests, two hogwild requests go through the same engine: a valid small group and one with a bad
+option. Their errors (type and message, or none) are reported, so the plain outputs also show that the engine is
+unharmed by group requests, run or rejected.
 """
 
 import json
@@ -32,7 +33,7 @@ def main() -> None:
     runner = llm.llm_engine.collective_rpc(lambda self: type(self.model_runner).__name__)
     scheduler_config = llm.llm_engine.vllm_config.scheduler_config
     scheduler = scheduler_config.get_scheduler_cls()
-    rejected = [rejection(llm, {"workers": 2}), rejection(llm, '{"workers": 0}')]
+    rejected = [rejection(llm, {"workers": 2, "max_tokens": 8}), rejection(llm, '{"workers": 0}')]
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
     print("RESULT=" + json.dumps({
         "backend": backend,
