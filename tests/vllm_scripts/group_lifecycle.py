@@ -69,8 +69,9 @@ def main() -> None:
             held_mid = pool.get_num_free_blocks()
             engine.abort_request([abort])
         seen.update(drain())
-        return {"free_before": free0, "free_mid": held_mid, "runner_children_mid": children_mid, "free_after": pool.get_num_free_blocks(),
-                "groups_left": scheduler.group_ids(), "runner_children": runner_children(), "outputs": seen}
+        return {"free_before": free0, "free_mid": held_mid, "runner_children_mid": children_mid,
+                "free_after": pool.get_num_free_blocks(), "groups_left": scheduler.group_ids(),
+                "runner_children": runner_children(), "outputs": seen}
 
     plain = SamplingParams(temperature=0.0, max_tokens=20)
     result = {
