@@ -1,10 +1,14 @@
 """Run one hogwild group on a problem and print what the workers wrote.
 
-    python examples/offline_generate.py                       # the project's tiny model, 2 workers
+    python examples/offline_generate.py                       # the project's tiny model, 2 workers, vLLM
     python examples/offline_generate.py --workers 4 --layout interleaved --max-tokens 256 --json
+    python examples/offline_generate.py --engine reference    # the transformers oracle instead of vLLM
 
 Without ``--model`` the project's own tiny random-weight model is built (cached) and used: its text is noise, but
-every mechanism (steps, commits, headers, shared KV) runs for real.
+every mechanism (steps, commits, headers, shared KV) runs for real. ``--engine vllm`` (the default) runs the group
+inside vLLM's ``LLM`` class with the plugin switched on; ``--json`` prints one JSON object: the group's result
+(``prompt_token_ids``, ``banned_token_ids``, ``workers`` with ``name`` / ``token_ids`` / ``forced``,
+``transcript``, ``answer``, ``usage``, ...) plus ``model`` and ``engine``.
 """
 
 from __future__ import annotations
@@ -27,10 +31,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--prompt", default=DEFAULT_PROBLEM, help="the problem text")
     p.add_argument("--finisher", action="store_true", help="ask for the answer once more if nobody gave one")
-    p.add_argument("--engine", default="reference", choices=["reference"],
-                   help="reference: the transformers oracle engine")
+    p.add_argument("--engine", default="vllm", choices=["vllm", "reference"],
+                   help="vllm: vLLM's LLM class with the plugin on; reference: the transformers oracle engine")
+    p.add_argument("--max-model-len", type=int, default=4096, help="vLLM engine context length")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     return p.parse_args(argv)
+
+
+def run_vllm(model: str, args: argparse.Namespace, cfg: object) -> object:
+    import os
+
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU build (ignored on GPUs)
+    if args.json:  # vLLM logs to stdout: keep it to errors so that stdout is one JSON object
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+    from hogwild_vllm import offline
+
+    llm = offline.make_llm(model, max_model_len=args.max_model_len, seed=args.seed)
+    return offline.generate(llm, args.prompt, cfg, temperature=args.temperature, top_p=args.top_p,  # type: ignore[arg-type]
+                            seed=args.seed, use_tqdm=not args.json)[0]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,14 +66,17 @@ def main(argv: list[str] | None = None) -> int:
         from hogwild_vllm.testing.tiny_models import build_tiny_model
 
         model = str(build_tiny_model("qwen2"))
-    from hogwild_vllm.reference_engine import ReferenceEngine
+    if args.engine == "vllm":
+        out = run_vllm(model, args, cfg)
+    else:
+        from hogwild_vllm.reference_engine import ReferenceEngine
 
-    engine = ReferenceEngine(model)
-    out = engine.generate(args.prompt, cfg, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                          progress=not args.json)
+        engine = ReferenceEngine(model)
+        out = engine.generate(args.prompt, cfg, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                              progress=not args.json)
     if args.json:
         result = out.to_dict()
-        result["model"] = model
+        result.update(model=model, engine=args.engine)
         print(json.dumps(result))
         return 0
     print(f"model: {model}\nlayout: {cfg.layout.value}, workers: {cfg.workers}\n")

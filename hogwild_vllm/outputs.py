@@ -43,6 +43,14 @@ class GroupOutput:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GroupOutput:
+        """Inverse of :meth:`to_dict` (e.g. of ``RequestOutput.kv_transfer_params["hogwild"]``)."""
+        fields = dict(d)
+        fields["workers"] = [WorkerOutput(**w) for w in d["workers"]]
+        fields["usage"] = Usage(**d["usage"])
+        return cls(**fields)
+
 
 def group_output(state: GroupState, prompt_ids: list[int], banned: list[int], forward_passes: int,
                  kv_blocks: int = 0) -> GroupOutput:
