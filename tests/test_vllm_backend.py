@@ -35,6 +35,8 @@ def test_scheduler_and_runner_only_changed_when_switched_on(plain_runs):
     assert off["scheduler"] == "vllm.v1.core.sched.scheduler.Scheduler"
     assert on["async_scheduling"] is False and off["async_scheduling"] is False  # CPU: never async
     assert on["runner"] == off["runner"] == ["CPUModelRunner"]
+    # The runner hook (row order + forced tokens) is installed by the backend's builder, so only when on.
+    assert on["runner_hook"] == [True] and off["runner_hook"] == [False]
 
 
 @pytest.mark.parametrize("mode", ["on", "off"])

@@ -31,6 +31,8 @@ def main() -> None:
     llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=512, block_size=32, seed=0, **extra)
     backend = llm.llm_engine.collective_rpc(lambda self: self.model_runner.attn_groups[0][0].backend.__name__)
     runner = llm.llm_engine.collective_rpc(lambda self: type(self.model_runner).__name__)
+    hooked = llm.llm_engine.collective_rpc(
+        lambda self: getattr(type(self.model_runner)._update_states, "__hogwild_wrapped__", False))
     scheduler_config = llm.llm_engine.vllm_config.scheduler_config
     scheduler = scheduler_config.get_scheduler_cls()
     rejected = [rejection(llm, {"workers": 2, "max_tokens": 8}), rejection(llm, '{"workers": 0}')]
@@ -41,6 +43,7 @@ def main() -> None:
         "scheduler": f"{scheduler.__module__}.{scheduler.__qualname__}",
         "async_scheduling": scheduler_config.async_scheduling,
         "runner": runner,
+        "runner_hook": hooked,
         "rejected": rejected,
     }))
 
