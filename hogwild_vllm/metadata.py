@@ -9,10 +9,11 @@ Two producers:
   ``SchedulerOutput``. The attention metadata builder then calls :func:`build_table` with the runner's final row
   order: group rows read their plans, every other row gets the plain single segment (:func:`plain_segment_table`).
 
-Storage of a group in vLLM (``docs/architecture.md``, "A group's life in the engine"): worker 0's request holds the prompt C at
-positions ``0..|C|-1``; worker ``w``'s own token ``i`` sits at position ``|C| + i`` of worker ``w``'s request; glue
-token ``j`` at ``|C| + j`` of the glue request. These are exactly the layout's natural positions, so a segment keeps
-its ``start`` and only its source changes: ``PROMPT`` -> worker 0's id, ``GLUE`` -> the glue id, ``w`` -> worker w's id.
+Storage of a group in vLLM (``docs/architecture.md``, "A group's life in the engine"): worker 0's request holds the
+prompt C at positions ``0..|C|-1``; worker ``w``'s own token ``i`` sits at position ``|C| + i`` of worker ``w``'s
+request; glue token ``j`` at ``|C| + j`` of the glue request. These are exactly the layout's natural positions, so
+a segment keeps its ``start`` and only its source changes: ``PROMPT`` -> worker 0's id, ``GLUE`` -> the glue id,
+``w`` -> worker w's id.
 
 Pure Python + torch (no vLLM import): the payload must unpickle in the worker process and be unit-testable.
 """

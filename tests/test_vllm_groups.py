@@ -25,7 +25,8 @@ WORKERS = (1, 2, 3, 4)
 MAX_TOKENS = 256
 TEMPLATES = {"step_separator": "\n", "answer_marker": "ANSWER{", "finisher_suffix": "\nSo the final ANSWER{"}
 PLAIN = ["Hello there. We start", "The sum of 3 and 4 is", "**Bob [2]:** we", "x" * 120]
-MIXED = ((2, "combined"), (3, "interleaved"), (4, "contiguous"))
+MIXED = ((2, "combined", {}), (3, "interleaved", {}), (4, "contiguous", {}),
+         (2, "combined", {"temperature": 0.9, "seed": 7}))  # seeded sampling: reproducible, batch-independent
 
 
 def options(workers: int, layout: str, max_tokens: int = MAX_TOKENS, **extra: Any) -> dict[str, Any]:
@@ -62,21 +63,25 @@ class Runs:
         self.banned = banned_token_ids(tok, cfg, reference.eos_ids)
         self.n1_plain = {"prompt_token_ids": one["prompt_token_ids"] + intro, "max_tokens": MAX_TOKENS - len(intro),
                          "ignore_eos": True, "logit_bias": {str(b): -100.0 for b in self.banned}}
-        self.mixed = [group_item(n, lay, f"Mixed {n}: name {n} colours.", max_tokens=48) for n, lay in MIXED]
+        self.mixed = [{**group_item(n, lay, f"Mixed {n}: name {n} colours.", max_tokens=48), **sampling}
+                      for n, lay, sampling in MIXED]
+        # Collaboration checks due every 48 generated tokens, custom worker names.
+        self.checks = group_item(3, "combined", "Check each other.", max_tokens=128, collab_check_every=48,
+                                 worker_names=["Ann", "Ben", "Cid"])
         self.too_long = group_item(2, "combined", "Too long.", max_tokens=2000)
         batches = [
-            self.groups + self.plain + [self.finisher],  # 0: everything at once
+            self.groups + self.plain + [self.finisher, self.checks],  # 0: everything at once
             self.plain,  # 1
             [self.n1_plain],  # 2
             self.mixed + self.plain,  # 3: the mixed batch
-            *[[g] for g in self.mixed],  # 4, 5, 6: each mixed group alone
-            [self.too_long, self.plain[0]],  # 7
+            [self.too_long, self.plain[0]],  # 4
+            *[[g] for g in self.mixed],  # 5, ...: each mixed group alone
         ]
         spec = tmp_path_factory.mktemp("groups") / "spec.json"
         spec.write_text(json.dumps({"model": self.model, "batches": batches}))
         script = Script("group_generate.py", str(spec))
         self.reference = [reference.generate(prompt_ids=g["prompt_token_ids"], cfg=GroupConfig.from_dict(g["hogwild"]))
-                          for g in [*self.groups, self.finisher]]
+                          for g in [*self.groups, self.finisher, self.checks]]
         self.batches = script.result(timeout=1800)["batches"]
 
     def outputs(self, batch: int) -> list[dict[str, Any]]:
@@ -146,15 +151,31 @@ def test_plain_requests_unchanged_by_groups_in_the_batch(runs: Runs):
 def test_mixed_batch_equals_each_run_alone(runs: Runs):
     together = runs.outputs(3)[: len(MIXED)]
     for k, out in enumerate(together):
-        alone = runs.outputs(4 + k)[0]
+        alone = runs.outputs(5 + k)[0]
         assert group_result(out)["workers"] == group_result(alone)["workers"]
         assert out["token_ids"] == alone["token_ids"]
         assert len(group_result(out)["workers"]) == MIXED[k][0]
 
 
-def test_finisher_equals_reference(runs: Runs):
+def test_seeded_sampling_differs_from_greedy(runs: Runs):
+    sampled, greedy = group_result(runs.outputs(3)[3]), group_result(runs.outputs(3)[0])
+    assert sampled["config"]["workers"] == greedy["config"]["workers"] == 2
+    assert sampled["workers"] != greedy["workers"]  # same problem text class, other tokens: sampling happened
+
+
+def test_collaboration_checks_and_names_equal_reference(runs: Runs):
     got = group_result(runs.outputs(0)[-1])
     ref = runs.reference[-1]
+    assert [w["token_ids"] for w in got["workers"]] == [w.token_ids for w in ref.workers]
+    assert [w["name"] for w in got["workers"]] == ["Ann", "Ben", "Cid"]
+    question = GroupConfig().templates.check_question.strip()
+    assert question in got["transcript"]  # a forced check question appeared, equally in both engines
+    assert got["transcript"] == ref.transcript
+
+
+def test_finisher_equals_reference(runs: Runs):
+    got = group_result(runs.outputs(0)[-2])
+    ref = runs.reference[-2]
     assert ref.finisher_text is not None and ref.usage.finisher_tokens > 0
     assert got["finisher_text"] == ref.finisher_text
     assert got["answer"] == ref.answer
@@ -163,7 +184,7 @@ def test_finisher_equals_reference(runs: Runs):
 
 
 def test_group_too_long_for_the_engine_gets_an_error_output(runs: Runs):
-    bad, plain = runs.outputs(7)
+    bad, plain = runs.outputs(4)
     assert bad["finish_reason"] == "error" and bad["token_ids"] == []
     message = bad["kv_transfer_params"]["hogwild"]["error"]
     assert "exceeds max_model_len 1024" in message

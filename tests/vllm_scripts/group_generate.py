@@ -13,6 +13,8 @@ import json
 import os
 import sys
 
+from launch import emit_result  # noqa: E402 - this folder is the script's sys.path[0]
+
 
 def main() -> None:
     with open(sys.argv[1]) as f:
@@ -54,7 +56,7 @@ def main() -> None:
     report = {"batches": results}
     if not engine.get("disable_log_stats", True):
         report["preemptions"] = sum(m.value for m in llm.get_metrics() if m.name == "vllm:num_preemptions")
-    print("RESULT=" + json.dumps(report))
+    emit_result(report)
 
 
 if __name__ == "__main__":

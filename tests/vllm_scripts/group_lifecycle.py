@@ -1,5 +1,5 @@
 """Group lifecycle in a real vLLM engine whose scheduler runs in this process: aborts, block accounting, the
-runner's request table. Prints one RESULT= JSON line.
+runner's request table. Emits one JSON result (launch.emit_result).
 
 usage: python group_lifecycle.py MODEL PROMPT_IDS_JSON
 
@@ -17,6 +17,8 @@ import os
 import sys
 
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"  # the scheduler (and its block pool) live in this process
+
+from launch import emit_result  # noqa: E402 - this folder is the script's sys.path[0]
 
 
 def main() -> None:
@@ -80,7 +82,7 @@ def main() -> None:
         "abort_prefill": scenario([("g3", group(4, "combined", 64))], "g3", 1),
         "finished": scenario([("g4", group(2, "contiguous", 24))], None, 0),
     }
-    print("RESULT=" + json.dumps(result))
+    emit_result(result)
 
 
 if __name__ == "__main__":

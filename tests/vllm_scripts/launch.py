@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 SCRIPTS = Path(__file__).parent
@@ -17,14 +18,32 @@ ENGINE_ENV = {
 }
 
 
+RESULT_ENV = "HOGWILD_RESULT_FILE"
+
+
+def emit_result(result: dict) -> None:
+    """Called by a script: its result as JSON, into ``$HOGWILD_RESULT_FILE`` when set (the engine core process
+    shares stdout and may interleave log lines with a long line), else as a ``RESULT=`` line on stdout."""
+    text = json.dumps(result)
+    path = os.environ.get(RESULT_ENV)
+    if path:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+    else:
+        print("RESULT=" + text)
+
+
 class Script:
-    """A started script; ``result()`` waits for it and returns its ``RESULT=`` JSON line, parsed."""
+    """A started script; ``result()`` waits for it and returns what it emitted, parsed."""
 
     def __init__(self, name: str, *args: str, env: dict[str, str] | None = None) -> None:
         self.name = name
+        fd, self.result_path = tempfile.mkstemp(prefix="hogwild-result-", suffix=".json")
+        os.close(fd)
         self.proc = subprocess.Popen([sys.executable, str(SCRIPTS / name), *args], stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True,
-                                     env=dict(os.environ, **ENGINE_ENV, **(env or {})))
+                                     env=dict(os.environ, **ENGINE_ENV, **(env or {}),
+                                              **{RESULT_ENV: self.result_path}))
 
     def result(self, timeout: int = 900) -> dict:
         try:
@@ -33,9 +52,12 @@ class Script:
             self.proc.kill()
             out, err = self.proc.communicate()
             raise AssertionError(f"{self.name} timed out after {timeout} s: {err[-4000:]}") from None
-        lines = [line for line in out.splitlines() if line.startswith("RESULT=")]
-        assert self.proc.returncode == 0 and lines, f"{self.name} failed: {err[-4000:]}"
-        return json.loads(lines[-1][len("RESULT="):])
+        try:
+            text = Path(self.result_path).read_text(encoding="utf-8")
+        finally:
+            os.unlink(self.result_path)
+        assert self.proc.returncode == 0 and text, f"{self.name} failed: {err[-4000:]}"
+        return json.loads(text)
 
 
 def run_script(name: str, *args: str, timeout: int = 900, env: dict[str, str] | None = None) -> dict:

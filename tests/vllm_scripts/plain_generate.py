@@ -7,7 +7,6 @@ option. Their errors (type and message, or none) are reported, so the plain outp
 unharmed by group requests, run or rejected.
 """
 
-import json
 import sys
 
 PROMPTS = ["Hello there. We start", "The sum of 3 and 4 is", "**Bob [2]:** we", "x" * 200]
@@ -21,6 +20,8 @@ def rejection(llm, hogwild) -> dict:
     except Exception as e:  # noqa: BLE001 - the type is what we report
         return {"type": type(e).__name__, "message": str(e)}
     return {"type": None, "message": ""}
+
+from launch import emit_result  # noqa: E402 - this folder is the script's sys.path[0]
 
 
 def main() -> None:
@@ -37,7 +38,7 @@ def main() -> None:
     scheduler = scheduler_config.get_scheduler_cls()
     rejected = [rejection(llm, {"workers": 2, "max_tokens": 8}), rejection(llm, '{"workers": 0}')]
     outs = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=24), use_tqdm=False)
-    print("RESULT=" + json.dumps({
+    emit_result({
         "backend": backend,
         "ids": [list(o.outputs[0].token_ids) for o in outs],
         "scheduler": f"{scheduler.__module__}.{scheduler.__qualname__}",
@@ -45,7 +46,7 @@ def main() -> None:
         "runner": runner,
         "runner_hook": hooked,
         "rejected": rejected,
-    }))
+    })
 
 
 if __name__ == "__main__":

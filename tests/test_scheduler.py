@@ -1,0 +1,202 @@
+"""HogwildScheduler driven in-process without a model: a fake runner answers every step, so the invariants of
+gang scheduling (all of a group's rows or none), budgets, admission, block accounting and the parent outputs are
+checked at every step, quickly. The token values are irrelevant here (the engine tests check the outputs)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+pytest.importorskip("vllm")
+
+import torch  # noqa: E402
+from vllm.engine.arg_utils import EngineArgs  # noqa: E402
+from vllm.sampling_params import SamplingParams  # noqa: E402
+from vllm.v1.core.sched.output import SchedulerOutput  # noqa: E402
+from vllm.v1.engine import FinishReason  # noqa: E402
+from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec  # noqa: E402
+from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+from vllm.v1.request import Request, RequestStatus  # noqa: E402
+from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
+
+import hogwild_vllm  # noqa: E402
+from hogwild_vllm.scheduler import CHILD_SEP, HogwildScheduler  # noqa: E402
+from hogwild_vllm.testing.tiny_models import build_tiny_model  # noqa: E402
+
+BLOCK = 16
+TEMPLATES = {"step_separator": "\n", "answer_marker": "ANSWER{", "system_prompt": "Team {names}."}
+
+
+@pytest.fixture(scope="module")
+def tiny() -> str:
+    hogwild_vllm.register()
+    return str(build_tiny_model("qwen2"))
+
+
+@pytest.fixture(autouse=True)
+def v1_runner_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
+
+
+def make_scheduler(model: str, num_blocks: int, batched: int = 256, seqs: int = 8) -> HogwildScheduler:
+    args = EngineArgs(model=model, dtype="float32", max_model_len=512, block_size=BLOCK, max_num_seqs=seqs,
+                      max_num_batched_tokens=batched, additional_config={"hogwild": {}},
+                      enable_prefix_caching=False)  # the plain requests here have no block hasher
+    config = args.create_engine_config()
+    config.cache_config.num_gpu_blocks = num_blocks
+    spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32)
+    kv = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(["l0"], spec)])
+    return HogwildScheduler(config, kv, StructuredOutputManager(config), block_size=BLOCK)
+
+
+def group_request(rid: str, prompt: list[int], **options: Any) -> Request:
+    params = SamplingParams(temperature=0.0, max_tokens=1,
+                            extra_args={"hogwild": {"templates": TEMPLATES, **options}})
+    return Request(rid, prompt, params, None)
+
+
+def plain_request(rid: str, prompt: list[int], max_tokens: int) -> Request:
+    return Request(rid, prompt, SamplingParams(temperature=0.0, max_tokens=max_tokens), None)
+
+
+class FakeRunner:
+    """Answers a step like the model runner: one token for every request whose scheduled tokens reach its end,
+    none for a partial prefill chunk. Tokens cycle through a sentence and a newline, so steps commit."""
+
+    def __init__(self, sched: HogwildScheduler) -> None:
+        self.sched = sched
+        codec = sched.codec
+        self.cycle = codec.encode("We add the numbers.") + codec.encode("\n")
+        self.count: dict[str, int] = {}  # tokens sampled per request: each one walks the cycle on its own
+
+    def children(self) -> dict[str, Request]:
+        return {c.request_id: c for g in self.sched._groups.values() for c in g.children()}
+
+    def __call__(self, out: SchedulerOutput) -> ModelRunnerOutput:
+        known = {**self.sched.requests, **self.children()}
+        ids = list(out.num_scheduled_tokens)
+        sampled = []
+        for rid in ids:
+            req = known[rid]
+            if req.num_computed_tokens >= req.num_tokens:
+                k = self.count.get(rid, 0)
+                sampled.append([self.cycle[k % len(self.cycle)]])
+                self.count[rid] = k + 1
+            else:
+                sampled.append([])
+        return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                                 sampled_token_ids=sampled)
+
+
+def run(sched: HogwildScheduler, limit: int = 3000) -> Iterator[tuple[SchedulerOutput, dict]]:
+    runner = FakeRunner(sched)
+    for _ in range(limit):
+        if not sched.has_requests():
+            return
+        out = sched.schedule()
+        outputs = sched.update_from_output(out, runner(out))
+        yield out, {o.request_id: o for eco in outputs.values() for o in eco.outputs}
+    raise AssertionError("the scheduler did not drain")
+
+
+def prompt_ids(sched: HogwildScheduler, text: str) -> list[int]:
+    return sched.codec.encode(text)
+
+
+def test_gang_rows_budgets_admission_and_blocks(tiny):
+    sched = make_scheduler(tiny, num_blocks=90, batched=256, seqs=8)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    shapes = {"g2": (2, "combined"), "g3": (3, "interleaved"), "g4": (4, "contiguous")}
+    for rid, (n, layout) in shapes.items():
+        sched.add_request(group_request(rid, prompt_ids(sched, f"Problem {rid}: " + "add the numbers. " * 12),
+                                        workers=n, layout=layout, max_tokens=40))
+    for k in range(3):
+        sched.add_request(plain_request(f"p{k}", prompt_ids(sched, "story " * 60), max_tokens=30))
+    finished_children: set[str] = set()
+    results: dict[str, Any] = {}
+    admitted_first = None
+    for out, outputs in run(sched):
+        if admitted_first is None:
+            admitted_first = sum(g.admitted for g in sched._groups.values())
+        finished_children |= {r for r in out.finished_req_ids if CHILD_SEP in r}
+        assert out.total_num_scheduled_tokens <= 256
+        assert len(out.num_scheduled_tokens) <= 8
+        assert not any(CHILD_SEP in r.request_id for r in sched.running)
+        scheduled = {r for r in out.num_scheduled_tokens if CHILD_SEP in r}
+        assert set(out.hogwild.rows) == scheduled
+        for parent, (n, _) in shapes.items():
+            mine = {r.split(CHILD_SEP)[1] for r in scheduled if r.split(CHILD_SEP)[0] == parent}
+            workers = {f"w{w}" for w in range(n)}
+            assert mine in (set(), {"w0"}, {"w0", "glue"}, workers), (parent, mine)
+        results.update({rid: o for rid, o in outputs.items() if rid in shapes})
+    assert admitted_first is not None and admitted_first < 3  # rows (2 + 3 + 4 > 8): one group had to wait
+    assert set(results) == set(shapes)
+    for rid, out in results.items():
+        payload = out.kv_transfer_params["hogwild"]
+        assert out.finish_reason == FinishReason.LENGTH and payload["finish_reason"] == "length"
+        assert len(payload["workers"]) == shapes[rid][0]
+        assert out.new_token_ids and payload["usage"]["forward_passes"] > 1
+        if shapes[rid][1] != "contiguous":
+            assert any(f for w in payload["workers"] for f in w["forced"][15:])  # headers forced after commits
+    expected = {f"{p}{CHILD_SEP}w{w}" for p, (n, _) in shapes.items() for w in range(n)}
+    assert expected <= finished_children
+    assert pool.get_num_free_blocks() == free0
+    assert sched.group_ids() == [] and not sched.requests
+
+
+def test_group_waits_for_blocks_and_plain_requests_do_not_jump_the_queue(tiny):
+    sched = make_scheduler(tiny, num_blocks=40, batched=512, seqs=8)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    sched.add_request(plain_request("early", prompt_ids(sched, "story " * 300), max_tokens=100))
+    steps = run(sched)
+    next(steps)  # "early" is running and holds most of the cache
+    sched.add_request(group_request("g", prompt_ids(sched, "Count. " * 20), workers=2, max_tokens=64))
+    sched.add_request(plain_request("late", prompt_ids(sched, "tale " * 20), max_tokens=10))
+    waited, done = 0, []
+    for _, outputs in steps:
+        done += [rid for rid, o in outputs.items() if o.finish_reason is not None]
+        if "g" in sched._groups and not sched._groups["g"].admitted:
+            waited += 1
+            assert "late" not in {r.request_id for r in sched.running}  # no overtaking while the group waits
+    assert waited > 0 and sorted(done) == ["early", "g", "late"]
+    assert pool.get_num_free_blocks() == free0
+
+
+@pytest.mark.parametrize("steps", [0, 1, 6, 30])
+def test_abort_at_any_stage_frees_every_block(tiny, steps):
+    sched = make_scheduler(tiny, num_blocks=200, batched=160)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    prompt = prompt_ids(sched, "Think about it. " * 50)
+    assert len(prompt) > 160  # pass 0 takes two steps
+    sched.add_request(group_request("g", prompt, workers=3, max_tokens=100))
+    sched.add_request(plain_request("p", prompt_ids(sched, "story " * 10), max_tokens=60))
+    runner = FakeRunner(sched)
+    for _ in range(steps):
+        out = sched.schedule()
+        sched.update_from_output(out, runner(out))
+    if steps > 1:
+        assert pool.get_num_free_blocks() < free0 - 1
+    ended = sched.finish_requests("g", RequestStatus.FINISHED_ABORTED)
+    assert [r.request_id for r in ended] == ["g"] and sched.group_ids() == []
+    # The runner is told to drop exactly the children it was told about (after one step: worker 0's first chunk).
+    told = {"w0"} if steps == 1 else {"w0", "w1", "w2", "glue"} if steps > 1 else set()
+    assert {r for r in sched.finished_req_ids if CHILD_SEP in r} == {f"g{CHILD_SEP}{c}" for c in told}
+    outputs = [o for _, outs in run(sched) for o in outs.values()]
+    assert [o.request_id for o in outputs if o.finish_reason is not None] == ["p"]
+    assert pool.get_num_free_blocks() == free0
+
+
+def test_group_that_cannot_fit_gets_an_error_output(tiny):
+    sched = make_scheduler(tiny, num_blocks=200)
+    sched.add_request(group_request("big", prompt_ids(sched, "x " * 10), workers=2, max_tokens=600))
+    sched.add_request(group_request("wide", prompt_ids(sched, "x " * 10), workers=16, max_tokens=20))
+    outputs = {rid: o for _, outs in run(sched) for rid, o in outs.items()}
+    assert outputs["big"].finish_reason == FinishReason.ERROR
+    assert "exceeds max_model_len 512" in outputs["big"].kv_transfer_params["hogwild"]["error"]
+    assert "max_num_seqs is 8" in outputs["wide"].kv_transfer_params["hogwild"]["error"]
+    assert sched.group_ids() == []
