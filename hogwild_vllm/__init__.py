@@ -1,9 +1,19 @@
 """Hogwild! inference for vLLM: several workers share one paged KV cache.
 
-Importing this package is cheap: heavy modules (torch, vllm) load only when used.
+Importing this package is cheap: heavy modules (torch, vllm) load only when used. Offline use::
+
+    import hogwild_vllm
+    llm = hogwild_vllm.make_llm("/path/to/model")
+    outs = hogwild_vllm.generate(llm, ["What is 17 * 23?"], hogwild_vllm.GroupConfig(workers=4))
 """
 
 __version__ = "0.1.0"
+
+from hogwild_vllm.config import GroupConfig, Layout, Templates  # noqa: E402 - cheap: no torch, no vLLM
+from hogwild_vllm.offline import generate, make_llm  # noqa: E402
+from hogwild_vllm.outputs import GroupOutput  # noqa: E402
+
+__all__ = ["GroupConfig", "GroupOutput", "Layout", "Templates", "generate", "make_llm", "register"]
 
 
 def register() -> None:

@@ -9,10 +9,10 @@ Two producers:
   ``SchedulerOutput``. The attention metadata builder then calls :func:`build_table` with the runner's final row
   order: group rows read their plans, every other row gets the plain single segment (:func:`plain_segment_table`).
 
-Storage of a group in vLLM (``docs/architecture.md``, "A group's life in the engine"): worker 0's request holds the
-prompt C at positions ``0..|C|-1``; worker ``w``'s own token ``i`` sits at position ``|C| + i`` of worker ``w``'s
-request; glue token ``j`` at ``|C| + j`` of the glue request. These are exactly the layout's natural positions, so
-a segment keeps its ``start`` and only its source changes: ``PROMPT`` -> worker 0's id, ``GLUE`` -> the glue id,
+Storage of a group in vLLM (``docs/architecture.md``, "A group's life in the engine"): the group's prompt request
+holds the common prompt C at positions ``0..|C|-1`` and glue token ``j`` at ``|C| + j``; worker ``w``'s own token
+``i`` sits at position ``|C| + i`` of worker ``w``'s request. These are exactly the layout's natural positions, so
+a segment keeps its ``start`` and only its source changes: ``PROMPT`` and ``GLUE`` -> the prompt request's id,
 ``w`` -> worker w's id.
 
 Pure Python + torch (no vLLM import): the payload must unpickle in the worker process and be unit-testable.
@@ -159,7 +159,7 @@ class HogwildStepMeta:
 
     rows:         scheduled group child id -> its plan (plain rows are absent: they get the plain single segment).
     extra_blocks: request id -> block ids, for every source a row reads that is not scheduled this step (so not
-                  in the runner's batch): the glue request after pass 0. ``unscheduled_sources(rows)`` lists them.
+                  in the runner's batch): the prompt request after pass 0. ``unscheduled_sources(rows)`` lists them.
     forced:       request id -> forced token ids appended after the sampled token (plan section 4.1, option B).
     """
 
@@ -197,28 +197,24 @@ def _row_view(segments: Sequence[Segment], queries: Sequence[Query], name: Calla
     return RowView(tuple(Seg(name(s.source), s.start, s.length, s.view_start) for s in segments), _runs(queries))
 
 
-def source_names(state: GroupState, worker_ids: Sequence[str], glue_id: str | None) -> dict[int, str]:
-    """The request id of every layout source: ``PROMPT`` -> worker 0's, ``GLUE`` -> the glue request's, ``w`` ->
-    worker w's. ``glue_id`` may be None only for a group without glue (contiguous layout)."""
+def source_names(state: GroupState, worker_ids: Sequence[str], prompt_id: str) -> dict[int, str]:
+    """The request id of every layout source: ``PROMPT`` and ``GLUE`` -> the prompt request's (it holds the common
+    prompt C at positions ``0..|C|-1`` and the glue after it), ``w`` -> worker w's."""
     if len(worker_ids) != len(state.workers) or len(set(worker_ids)) != len(worker_ids):
         raise ValueError(f"need {len(state.workers)} distinct worker request ids, got {list(worker_ids)}")
-    names: dict[int, str] = {PROMPT: worker_ids[0], **dict(enumerate(worker_ids))}
-    if glue_id is not None:
-        if glue_id in worker_ids:
-            raise ValueError(f"the glue request id {glue_id!r} is also a worker's")
-        names[GLUE] = glue_id
-    elif state.glue_tokens:
-        raise ValueError("this group has glue: give the glue request id")
-    return names
+    if prompt_id in worker_ids:
+        raise ValueError(f"the prompt request id {prompt_id!r} is also a worker's")
+    return {PROMPT: prompt_id, GLUE: prompt_id, **dict(enumerate(worker_ids))}
 
 
 def plan_rows(state: GroupState, source_ids: Mapping[int, str], pass0_chunk: tuple[int, int] | None = None,
               plans: Sequence[WorkerPass] | None = None) -> dict[str, RowPlan]:
     """The rows of one group for one step, keyed by request id (see :func:`source_names` for ``source_ids``).
 
-    Pass 0 (``pass0_chunk=(start, end)``): worker 0 computes prompt tokens ``start..end-1`` over the prompt written
-    so far (``0..end-1``, causal); in the step of the last chunk (``end == prompt_len``) the glue row joins with
-    one view per glue piece (``GroupState.glue_views``). Every later step (``pass0_chunk=None``): one row per worker
+    Pass 0 (``pass0_chunk=(start, end)``): the prompt's request computes prompt tokens ``start..end-1`` over the
+    prompt written so far (``0..end-1``, causal); in the step of the last chunk (``end == prompt_len``) the glue
+    joins with one view per glue piece (``GroupState.glue_views``): in the same row when one request holds both
+    (the vLLM scheduler's layout), else as its own row. Every later step (``pass0_chunk=None``): one row per worker
     from ``plans`` (default ``state.plan_pass()``; call before ``state.mark_fed()``): its fed tokens are its queries.
     """
     def name(source: int) -> str:
@@ -236,10 +232,15 @@ def plan_rows(state: GroupState, source_ids: Mapping[int, str], pass0_chunk: tup
         if plans is not None:
             raise ValueError("pass 0 takes no worker plans")
         view = [Segment(PROMPT, 0, end, 0)]
-        rows.append(RowPlan(name(PROMPT), (_row_view(view, [Query(i, i) for i in range(start, end)], name),)))
+        prompt_views = [_row_view(view, [Query(i, i) for i in range(start, end)], name)]
         glue = state.glue_views()
         if end == state.prompt_len and glue:
-            rows.append(RowPlan(name(GLUE), tuple(_row_view(segs, qs, name) for segs, qs in glue)))
+            glue_views = [_row_view(segs, qs, name) for segs, qs in glue]
+            if name(GLUE) == name(PROMPT):  # one request holds C then the glue: one row, one view per piece
+                prompt_views += glue_views
+            else:
+                rows.append(RowPlan(name(GLUE), tuple(glue_views)))
+        rows.insert(0, RowPlan(name(PROMPT), tuple(prompt_views)))
     else:
         plans = state.plan_pass() if plans is None else plans
         if len(plans) != len(state.workers):

@@ -2,15 +2,15 @@
 
 The config hook (``compat.py``, patch 2) sets ``scheduler_config.scheduler_cls`` to this class. Requests without
 ``extra_args["hogwild"]`` go to the stock synchronous ``Scheduler`` untouched. A group request ("parent") never
-enters the base queues: it becomes N hidden worker requests (``"<parent>::w<k>"``) plus one glue request
-(``"<parent>::glue"``, layouts with glue text) that the base scheduler never sees, so it never preempts, stops,
-caches or reports them. Each step:
+enters the base queues: it becomes one hidden prompt request (``"<parent>::prompt"``: the common prompt C, then the
+glue text) and N hidden worker requests (``"<parent>::w<k>"``: C + the worker's intro) that the base scheduler never
+sees, so it never preempts, stops, caches or reports them. Each step:
 
 1. ``_admit``: pending groups are admitted in arrival order when their whole KV budget and their rows fit. The
-   budget is reserved at once, so a running group never allocates and is never preempted; workers 1..N-1 and the
-   glue share worker 0's full prompt blocks (the prompt is stored once).
+   budget is reserved at once, so a running group never allocates and is never preempted; the workers share the
+   prompt request's full blocks of C (the prompt is stored once).
 2. ``_plan``: every live group gets all of its rows this step or none (gang rule). Pass 0 writes the common
-   prompt C through worker 0 (chunked to the token budget), the glue joins in the step of C's last chunk; every
+   prompt C through the prompt request (chunked to the token budget), the glue joins in C's last chunk; every
    later step feeds each worker's unfed tokens (``GroupState.plan_pass``): the sampled token plus any forced
    header, as one chunk.
 3. ``super().schedule()`` runs with the token and row budgets reduced by what the groups take.
@@ -80,10 +80,10 @@ class _Group:
     state: GroupState
     banned: list[int]
     tmax: int  # per-worker token slots reserved after the prompt
-    rows: int  # batch rows held for the group's whole life
+    rows: int  # batch rows held for the group's whole life (one per worker; pass 0 uses one)
     blocks: int  # KV blocks the group needs (reserved at admission)
     workers: list[Request] = field(default_factory=list)
-    glue: Request | None = None
+    prompt_req: Request | None = None  # holds C then the glue; computed in pass 0, read by every worker
     admitted: bool = False
     prompt_done: int = 0  # prompt tokens written (pass 0)
     passes: int = 0  # steps the group ran in
@@ -97,11 +97,11 @@ class _Group:
         return self.parent.request_id
 
     def children(self) -> list[Request]:
-        return self.workers + ([self.glue] if self.glue is not None else [])
+        return ([self.prompt_req] if self.prompt_req is not None else []) + self.workers
 
     def source_ids(self) -> dict[int, str]:
-        glue_id = self.glue.request_id if self.glue is not None else None
-        return source_names(self.state, [w.request_id for w in self.workers], glue_id)
+        assert self.prompt_req is not None
+        return source_names(self.state, [w.request_id for w in self.workers], self.prompt_req.request_id)
 
 
 @dataclass
@@ -161,11 +161,8 @@ class HogwildScheduler(Scheduler):
         tmax = max(cfg.max_tokens, longest_start) + header + 1
         bs = self.block_size
         p, n, g = len(prompt), cfg.workers, len(state.glue_tokens)
-        full = p // bs
-        blocks = _cdiv(p + tmax, bs) + (n - 1) * (_cdiv(p + tmax, bs) - full)
-        if g:
-            blocks += _cdiv(p + g, bs) - full
-        group = _Group(request, cfg, prompt, state, banned, tmax, max(n, 2), blocks)
+        blocks = _cdiv(p + g, bs) + n * (_cdiv(p + tmax, bs) - p // bs)
+        group = _Group(request, cfg, prompt, state, banned, tmax, n, blocks)
         problems = []
         if p + tmax > self.max_model_len:
             problems.append(f"the prompt ({p} tokens) plus a worker's budget ({tmax} token slots: max_tokens "
@@ -249,27 +246,28 @@ class HogwildScheduler(Scheduler):
         return False
 
     def _start(self, g: _Group) -> None:
-        """Build the children and reserve the group's whole KV budget (worker 0 owns the prompt's blocks)."""
+        """Build the children and reserve the group's whole KV budget (the prompt request owns C's blocks).
+
+        C is computed by its own greedy request, never by a worker: a worker whose prompt were computed in
+        discarded partial-prefill chunks would rewind its seeded generator, which CPU generators cannot do."""
         pid, parent, state = g.request_id, g.parent, g.state
         kv = self.kv_cache_manager
         p = len(g.prompt)
+        g.prompt_req = self._child(parent, child_id(pid, "prompt"), g.prompt + state.glue_tokens, 1, [], worker=None)
         for w, log in enumerate(state.workers):
             cid = child_id(pid, f"w{w}")
             g.workers.append(self._child(parent, cid, g.prompt + log.tokens, g.tmax, g.banned, worker=w))
-        if state.glue_tokens:
-            g.glue = self._child(parent, child_id(pid, "glue"), g.prompt + state.glue_tokens, 1, [], worker=None)
-        w0, others = g.workers[0], g.children()[1:]
-        if kv.allocate_slots(w0, p + g.tmax, delay_cache_blocks=True, has_scheduled_reqs=False) is None:
+        owner = g.prompt_req
+        if kv.allocate_slots(owner, owner.num_tokens, delay_cache_blocks=True, has_scheduled_reqs=False) is None:
             raise RuntimeError("hogwild: KV reservation failed after the free-block check")
         full = p // self.block_size
-        for child in others:
+        for child in g.workers:
             for manager in kv.coordinator.single_type_managers:
-                shared = manager.req_to_blocks[w0.request_id][:full]
+                shared = manager.req_to_blocks[owner.request_id][:full]
                 manager.block_pool.touch(shared)
                 manager.req_to_blocks[child.request_id].extend(shared)
             child.num_computed_tokens = p
-            slots = g.tmax if child is not g.glue else len(state.glue_tokens)
-            if kv.allocate_slots(child, slots, delay_cache_blocks=True, has_scheduled_reqs=False) is None:
+            if kv.allocate_slots(child, g.tmax, delay_cache_blocks=True, has_scheduled_reqs=False) is None:
                 raise RuntimeError("hogwild: KV reservation failed after the free-block check")
         for child in g.children():
             child.status = RequestStatus.RUNNING
@@ -292,7 +290,7 @@ class HogwildScheduler(Scheduler):
         params.max_tokens = max_tokens
         params.extra_args = {"hogwild_child": cid}
         params._bad_words_token_ids = [[t] for t in banned]
-        if worker is None:  # the glue: its one sample is ignored
+        if worker is None:  # the prompt request: its one sample is ignored
             params.temperature, params.top_p, params.top_k, params.seed = 0.0, 1.0, 0, None
         elif src.seed is not None:
             params.seed = derive_seed(src.seed, worker)
@@ -313,9 +311,8 @@ class HogwildScheduler(Scheduler):
                 if end <= g.prompt_done:
                     continue
                 rows = plan_rows(state, g.source_ids(), pass0_chunk=(g.prompt_done, end))
-                counts = {g.workers[0].request_id: end - g.prompt_done}
-                if g.glue is not None and end == p:
-                    counts[g.glue.request_id] = glue
+                assert g.prompt_req is not None
+                counts = {g.prompt_req.request_id: end - g.prompt_done + (glue if end == p else 0)}
                 g.step = _Step(counts, decode=False)
                 g.prompt_done = end
             else:

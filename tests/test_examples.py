@@ -36,8 +36,10 @@ def test_offline_example_json_vllm_equals_reference():
     assert [w["name"] for w in got["workers"]] == ["Alice", "Bob", "Carol"]
     for w in got["workers"]:
         assert len(w["forced"]) == len(w["token_ids"]) and w["forced"][0] is True
-    for key in ("prompt_token_ids", "banned_token_ids", "workers", "transcript", "answer"):
+    for key in ("prompt_token_ids", "banned_token_ids", "workers", "transcript", "answer", "finish_reason"):
         assert got[key] == ref[key], key
+    # The default answer marker: the tiny model writes a \boxed{...} early, which stops the whole group.
+    assert got["finish_reason"] == "answer" and got["answer"] is not None and got["answer_worker"] is not None
 
 
 def test_offline_example_rejects_bad_options():

@@ -176,25 +176,25 @@ def test_build_table_equals_direct_segment_table(layout: str, workers: int) -> N
     torch.manual_seed(rng.randrange(2**31))
     state = make_state(layout, workers)
     worker_ids = [f"7-ab::w{w}" for w in range(workers)]
-    glue_id = "7-ab::glue" if state.glue_tokens else None
-    names = source_names(state, worker_ids, glue_id)
+    prompt_id = "7-ab::prompt"
+    names = source_names(state, worker_ids, prompt_id)
     store = Store(rng)
-    store.add(worker_ids[0])
+    store.add(prompt_id)
     direct = Store(rng)  # reference-engine style: one row per layout source, no sharing
     direct_rows = {PROMPT: "prompt", GLUE: "glue", **{w: f"w{w}" for w in range(workers)}}
     for name in direct_rows.values():
         direct.add(name)
-    kv = {}  # (request id, natural) -> (key, value); the prompt lives in worker 0's request
+    kv = {}  # (request id, natural) -> (key, value); the prompt and the glue live in the prompt request
     query_vec = {}  # (request id, natural) -> query
     shared_added = False
     plain_count = 0
     for step_no, step in enumerate(group_steps(state, names, decode_passes=14)):
         # Store this step's group tokens in both layouts (vLLM writes every K/V before attention runs). Once the
-        # prompt is complete, the other workers and the glue share worker 0's full prompt blocks.
+        # prompt is complete, the workers share the prompt request's full prompt blocks.
         for source, natural in sorted(step.written, key=lambda t: t[0] != PROMPT):
-            if source != PROMPT and not shared_added:
-                full = store.blocks[worker_ids[0]][: PROMPT_LEN // BLOCK]
-                for rid in worker_ids[1:] + ([glue_id] if glue_id else []):
+            if source >= 0 and not shared_added:
+                full = store.blocks[prompt_id][: PROMPT_LEN // BLOCK]
+                for rid in worker_ids:
                     store.add(rid, share=full)
                 shared_added = True
             rid = names[source]
@@ -223,8 +223,8 @@ def test_build_table_equals_direct_segment_table(layout: str, workers: int) -> N
             qsl.append(qsl[-1] + q_len)
         seq_lens = [length for _, _, length in batch]
         extra = {rid: tuple(store.blocks[rid]) for rid in unscheduled_sources(step.rows)}
-        if step_no >= len(CHUNKS) and glue_id:
-            assert list(extra) == [glue_id]  # decode passes: the glue is read, never scheduled
+        if step_no >= len(CHUNKS):
+            assert list(extra) == [prompt_id]  # decode passes: the prompt (and glue) is read, never scheduled
         else:
             assert not extra
         meta = HogwildStepMeta(step.rows, extra)
@@ -288,21 +288,25 @@ def test_pass0_rows_and_glue_pieces() -> None:
     state = make_state("combined", 2)
     names = source_names(state, ["w0", "w1"], "g")
     first = plan_rows(state, names, pass0_chunk=(0, 4))
-    assert first == {"w0": RowPlan("w0", (RowView((Seg("w0", 0, 4, 0),), (QueryRun(0, 0, 4),)),))}
+    assert first == {"g": RowPlan("g", (RowView((Seg("g", 0, 4, 0),), (QueryRun(0, 0, 4),)),))}
     last = plan_rows(state, names, pass0_chunk=(4, PROMPT_LEN))
-    assert set(last) == {"w0", "g"}
-    glue = last["g"]
-    assert len(glue.views) == 3 and glue.num_queries == len(state.glue_tokens)  # others, unfinished, own header
-    assert glue.views[1] == RowView((Seg("w0", 0, PROMPT_LEN, 0), Seg("g", PROMPT_LEN + 3, 1, PROMPT_LEN)),
-                                    (QueryRun(PROMPT_LEN + 3, PROMPT_LEN, 1),))
+    assert set(last) == {"g"}  # the rest of the prompt, then the glue pieces, in one row
+    row = last["g"]
+    assert len(row.views) == 4  # the prompt chunk; others header, unfinished marker, own header
+    assert row.num_queries == PROMPT_LEN - 4 + len(state.glue_tokens)
+    assert row.views[2] == RowView((Seg("g", 0, PROMPT_LEN, 0), Seg("g", PROMPT_LEN + 3, 1, PROMPT_LEN)),
+                                   (QueryRun(PROMPT_LEN + 3, PROMPT_LEN, 1),))
     assert unscheduled_sources(last) == []
+    # A glue held by another request than the prompt gets its own row.
+    split = plan_rows(state, {**names, GLUE: "glue"}, pass0_chunk=(4, PROMPT_LEN))
+    assert set(split) == {"g", "glue"} and split["glue"].num_queries == len(state.glue_tokens)
     decode = plan_rows(state, names)
     assert set(decode) == {"w0", "w1"} and unscheduled_sources(decode) == ["g"]
     assert decode["w1"].first_natural == PROMPT_LEN  # the intro is worker 1's first scheduled token
     with pytest.raises(ValueError, match="chunk"):
         plan_rows(state, names, pass0_chunk=(3, 3))
-    with pytest.raises(ValueError, match="glue request id"):
-        source_names(state, ["w0", "w1"], None)
+    with pytest.raises(ValueError, match="also a worker's"):
+        source_names(state, ["w0", "w1"], "w1")
 
 
 def test_header_after_commit_is_a_second_query_run() -> None:
@@ -319,16 +323,16 @@ def test_header_after_commit_is_a_second_query_run() -> None:
 
 def test_payload_pickles_small() -> None:
     state = make_state("combined", 4)
-    names = source_names(state, [f"1-abcdef::w{w}" for w in range(4)], "1-abcdef::glue")
+    names = source_names(state, [f"1-abcdef::w{w}" for w in range(4)], "1-abcdef::prompt")
     for k in range(40):
         state.mark_fed()
         state.on_sampled([ord(script(w)[k]) for w in range(4)])
     rows = plan_rows(state, names)
-    meta = HogwildStepMeta(rows, {"1-abcdef::glue": tuple(range(3))}, {"1-abcdef::w0": (65, 50, 58)})
+    meta = HogwildStepMeta(rows, {"1-abcdef::prompt": tuple(range(3))}, {"1-abcdef::w0": (65, 50, 58)})
     data = pickle.dumps(meta)
     assert pickle.loads(data) == meta
     assert len(data) < 4000, len(data)
-    chunk = plan_rows(make_state("contiguous", 1), {PROMPT: "w0", 0: "w0"}, pass0_chunk=(0, PROMPT_LEN))
+    chunk = plan_rows(make_state("contiguous", 1), {PROMPT: "p", GLUE: "p", 0: "w0"}, pass0_chunk=(0, PROMPT_LEN))
     assert len(pickle.dumps(HogwildStepMeta(chunk))) < 500  # a prompt chunk is one query run, whatever its size
 
 

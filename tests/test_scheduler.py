@@ -130,7 +130,7 @@ def test_gang_rows_budgets_admission_and_blocks(tiny):
         for parent, (n, _) in shapes.items():
             mine = {r.split(CHILD_SEP)[1] for r in scheduled if r.split(CHILD_SEP)[0] == parent}
             workers = {f"w{w}" for w in range(n)}
-            assert mine in (set(), {"w0"}, {"w0", "glue"}, workers), (parent, mine)
+            assert mine in (set(), {"prompt"}, workers), (parent, mine)
         results.update({rid: o for rid, o in outputs.items() if rid in shapes})
     assert admitted_first is not None and admitted_first < 3  # rows (2 + 3 + 4 > 8): one group had to wait
     assert set(results) == set(shapes)
@@ -183,8 +183,8 @@ def test_abort_at_any_stage_frees_every_block(tiny, steps):
         assert pool.get_num_free_blocks() < free0 - 1
     ended = sched.finish_requests("g", RequestStatus.FINISHED_ABORTED)
     assert [r.request_id for r in ended] == ["g"] and sched.group_ids() == []
-    # The runner is told to drop exactly the children it was told about (after one step: worker 0's first chunk).
-    told = {"w0"} if steps == 1 else {"w0", "w1", "w2", "glue"} if steps > 1 else set()
+    # The runner is told to drop exactly the children it was told about (after one step: the first prompt chunk).
+    told = {"prompt"} if steps == 1 else {"prompt", "w0", "w1", "w2"} if steps > 1 else set()
     assert {r for r in sched.finished_req_ids if CHILD_SEP in r} == {f"g{CHILD_SEP}{c}" for c in told}
     outputs = [o for _, outs in run(sched) for o in outs.values()]
     assert [o.request_id for o in outputs if o.finish_reason is not None] == ["p"]

@@ -43,8 +43,8 @@ def test_aborts_happen_while_the_group_holds_blocks(lifecycle):
     decoding, prefill = lifecycle["abort_decoding"], lifecycle["abort_prefill"]
     # The group held its reservation and its children were live in the runner when the abort came.
     assert decoding["free_mid"] < decoding["free_before"] and prefill["free_mid"] < prefill["free_before"]
-    assert {c.split("::")[1] for c in decoding["runner_children_mid"]} == {"w0", "w1", "w2", "glue"}
-    assert {c.split("::")[1] for c in prefill["runner_children_mid"]} == {"w0"}  # first prompt chunk: worker 0 only
+    assert {c.split("::")[1] for c in decoding["runner_children_mid"]} == {"prompt", "w0", "w1", "w2"}
+    assert {c.split("::")[1] for c in prefill["runner_children_mid"]} == {"prompt"}  # the first prompt chunk only
     assert lifecycle["abort_pending"]["runner_children_mid"] == []
     # An aborted group emits nothing (as an aborted plain request); the plain request next to it is unharmed.
     assert "g1" not in decoding["outputs"] and "g3" not in prefill["outputs"]
