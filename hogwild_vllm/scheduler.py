@@ -211,8 +211,9 @@ class HogwildScheduler(Scheduler):
         return sum(g.rows for g in self._groups.values() if g.admitted)
 
     def schedule(self, throttle_prefills: bool = False) -> SchedulerOutput:
-        waiting = self._admit()
-        planned, tokens = self._plan()
+        # Paused engines (PAUSED_NEW: admit nothing new; PAUSED_ALL: run nothing) treat groups like requests.
+        waiting = self._admit() if self.pause_state == PauseState.UNPAUSED else False
+        planned, tokens = self._plan() if self.pause_state != PauseState.PAUSED_ALL else ([], 0)
         rows = self._reserved_rows()
         config = self.scheduler_config
         scheduled = int(self.max_num_scheduled_tokens)  # type: ignore[has-type]

@@ -200,3 +200,26 @@ def test_group_that_cannot_fit_gets_an_error_output(tiny):
     assert "exceeds max_model_len 512" in outputs["big"].kv_transfer_params["hogwild"]["error"]
     assert "max_num_seqs is 8" in outputs["wide"].kv_transfer_params["hogwild"]["error"]
     assert sched.group_ids() == []
+
+
+def test_pause_states_hold_groups_like_requests(tiny):
+    from vllm.v1.core.sched.interface import PauseState
+
+    sched = make_scheduler(tiny, num_blocks=200)
+    runner = FakeRunner(sched)
+    sched.add_request(group_request("running", prompt_ids(sched, "One. " * 5), workers=2, max_tokens=30))
+    out = sched.schedule()
+    sched.update_from_output(out, runner(out))
+    sched.add_request(group_request("new", prompt_ids(sched, "Two. " * 5), workers=2, max_tokens=30))
+    sched.set_pause_state(PauseState.PAUSED_ALL)
+    out = sched.schedule()
+    assert out.total_num_scheduled_tokens == 0 and not sched._groups["new"].admitted
+    sched.update_from_output(out, runner(out))
+    sched.set_pause_state(PauseState.PAUSED_NEW)
+    out = sched.schedule()
+    assert any(r.startswith("running" + CHILD_SEP) for r in out.num_scheduled_tokens)
+    assert not sched._groups["new"].admitted
+    sched.update_from_output(out, runner(out))
+    sched.set_pause_state(PauseState.UNPAUSED)
+    finished = {rid for _, outs in run(sched) for rid, o in outs.items() if o.finish_reason is not None}
+    assert finished == {"running", "new"}
