@@ -378,12 +378,15 @@ class HogwildScheduler(Scheduler):
             step, g.step = g.step, None
             if step is None or not step.decode or g.state.finished:
                 continue
-            tokens = []
-            for child in g.workers:
-                got = sampled[index[child.request_id]] if child.request_id in index else []
-                if len(got) != 1:
-                    raise RuntimeError(f"hogwild: {child.request_id} returned {len(got)} tokens in a worker pass")
-                tokens.append(int(got[0]))
+            got = [sampled[index[c.request_id]] if c.request_id in index and sampled else [] for c in g.workers]
+            if any(len(t) != 1 for t in got):  # never expected; end this group alone, keep the engine serving
+                logger.error("hogwild: group %s got %s tokens from one worker pass; ending the group", g.request_id,
+                             [len(t) for t in got])
+                self._release(g, RequestStatus.FINISHED_ERROR)
+                self._emit(outputs, g, FinishReason.ERROR, [], {"error": "hogwild: internal error: a worker pass "
+                                                                "returned no token (see the engine log)"})
+                continue
+            tokens = [int(t[0]) for t in got]
             g.state.on_sampled(tokens)
             for w, (child, log) in enumerate(zip(g.workers, g.state.workers, strict=True)):
                 start = child.num_tokens - len(g.prompt)

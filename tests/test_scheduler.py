@@ -223,3 +223,28 @@ def test_pause_states_hold_groups_like_requests(tiny):
     sched.set_pause_state(PauseState.UNPAUSED)
     finished = {rid for _, outs in run(sched) for rid, o in outs.items() if o.finish_reason is not None}
     assert finished == {"running", "new"}
+
+
+def test_a_broken_worker_pass_ends_only_that_group(tiny):
+    """If the runner ever returned no token for a worker, the group ends with an error output; the engine and the
+    other requests go on, and every block returns."""
+    sched = make_scheduler(tiny, num_blocks=200)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    sched.add_request(group_request("bad", prompt_ids(sched, "One. " * 5), workers=2, max_tokens=30))
+    sched.add_request(group_request("good", prompt_ids(sched, "Two. " * 5), workers=2, max_tokens=30))
+    runner = FakeRunner(sched)
+    outputs = {}
+    for step in range(200):
+        if not sched.has_requests():
+            break
+        out = sched.schedule()
+        result = runner(out)
+        if step == 3:  # a decode pass of both groups: drop one worker's token of "bad"
+            result.sampled_token_ids[result.req_id_to_index[f"bad{CHILD_SEP}w1"]] = []
+        for eco in sched.update_from_output(out, result).values():
+            outputs.update({o.request_id: o for o in eco.outputs})
+    assert outputs["bad"].finish_reason == FinishReason.ERROR
+    assert "internal error" in outputs["bad"].kv_transfer_params["hogwild"]["error"]
+    assert outputs["good"].finish_reason == FinishReason.LENGTH
+    assert pool.get_num_free_blocks() == free0

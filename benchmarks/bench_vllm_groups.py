@@ -1,0 +1,109 @@
+"""Throughput of hogwild groups inside vLLM against plain requests, side by side in one engine (plugin on).
+
+    python benchmarks/bench_vllm_groups.py [--model PATH] [--workers 1 2 4] [--tokens 128] [--out results/]
+
+Runs, each timed around one ``LLM.generate`` call after a warm-up:
+  - ``plain x1``: one ordinary greedy request of ``--tokens`` new tokens (the baseline, ratio 1.0);
+  - ``plain xN``: N independent requests batched together (what N workers cost without sharing anything);
+  - ``hogwild xN``: one group of N workers, ``--tokens`` own tokens each (forced intro and headers included).
+All go through the same HOGWILD attention backend (the pure-torch reference op for now), so the ratios isolate the
+cost of the group machinery (views with several segments, the scheduler's planning) against plain batching.
+Writes a CSV and a PNG plot (if matplotlib is installed) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import platform
+import time
+from pathlib import Path
+
+PROBLEM = "A farmer has 17 sheep and buys 5 more each week. How many sheep after 6 weeks?"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None)
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--tokens", type=int, default=128, help="new tokens per request / own tokens per worker")
+    ap.add_argument("--out", default="results")
+    args = ap.parse_args()
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    import torch
+    import vllm
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    from hogwild_vllm import offline
+    from hogwild_vllm.config import GroupConfig, Templates
+    from hogwild_vllm.prompt import build_prompt_ids
+
+    model = args.model
+    if model is None:
+        from hogwild_vllm.testing.tiny_models import build_tiny_model
+
+        model = str(build_tiny_model("qwen2"))
+    llm = offline.make_llm(model, max_model_len=2048, seed=0, enforce_eager=True)
+    no_answer = Templates(answer_marker="\\neveranswered{")
+    prompt = build_prompt_ids(llm.get_tokenizer(), PROBLEM, GroupConfig(templates=no_answer))
+    plain = SamplingParams(temperature=0.0, max_tokens=args.tokens, ignore_eos=True)
+
+    def timed_plain(n: int) -> tuple[int, float]:
+        t0 = time.perf_counter()
+        outs = llm.generate([TokensPrompt(prompt_token_ids=prompt)] * n, plain, use_tqdm=False)
+        return sum(len(o.outputs[0].token_ids) for o in outs), time.perf_counter() - t0
+
+    def timed_group(n: int) -> tuple[int, float]:
+        cfg = GroupConfig(workers=n, max_tokens=args.tokens, templates=no_answer)
+        t0 = time.perf_counter()
+        (out,) = offline.generate(llm, PROBLEM, cfg, use_tqdm=False)
+        return sum(len(w.token_ids) for w in out.workers), time.perf_counter() - t0
+
+    timed_plain(1)  # warm-up
+    timed_group(1)
+    tokens, seconds = timed_plain(1)
+    base = tokens / seconds
+    rows = [{"run": "plain x1", "workers": 1, "tokens": tokens, "seconds": seconds, "tokens_per_s": base,
+             "ratio": 1.0}]
+    for n in args.workers:
+        for name, fn in ((f"plain x{n}", timed_plain), (f"hogwild x{n}", timed_group)):
+            if name == "plain x1":
+                continue
+            tokens, seconds = fn(n)
+            rate = tokens / seconds
+            rows.append({"run": name, "workers": n, "tokens": tokens, "seconds": seconds, "tokens_per_s": rate,
+                         "ratio": rate / base})
+    env = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vllm {vllm.__version__}, "
+           f"model {Path(model).name}, {args.tokens} tokens per request / worker")
+    print(env)
+    print(f"{'run':<14}{'workers':>8}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'vs plain x1':>13}")
+    for r in rows:
+        print(f"{r['run']:<14}{r['workers']:>8}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_s']:>9.1f}"
+              f"{r['ratio']:>13.2f}")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "bench_vllm_groups.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["environment"])
+        w.writeheader()
+        w.writerows({**r, "environment": env} for r in rows)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    colors = ["tab:gray" if r["run"].startswith("plain") else "tab:blue" for r in rows]
+    ax.bar([r["run"] for r in rows], [r["tokens_per_s"] for r in rows], color=colors)
+    ax.set_ylabel("total tokens / s")
+    ax.set_title("vLLM (HOGWILD backend, reference op): hogwild groups vs plain requests", fontsize=10)
+    fig.text(0.01, 0.01, env, fontsize=6)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
+    fig.savefig(out / "bench_vllm_groups.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()
