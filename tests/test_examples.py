@@ -27,7 +27,7 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_offline_example_json_vllm_equals_reference():
-    common = ["--workers", "3", "--layout", "interleaved", "--max-tokens", "40", "--json"]
+    common = ["--workers", "3", "--layout", "combined", "--max-tokens", "48", "--json"]
     got = json.loads(run("offline_generate.py", *common).stdout)
     ref = json.loads(run("offline_generate.py", *common, "--engine", "reference").stdout)
     for key in ("model", "prompt_token_ids", "banned_token_ids", "workers", "transcript", "answer"):
