@@ -13,13 +13,13 @@ Writes a CSV and a PNG plot (if matplotlib is installed) under --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import platform
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from _report import write_report  # benchmarks/ is the script's sys.path[0]
 
 from hogwild_vllm.config import GroupConfig, Templates
 from hogwild_vllm.reference_engine import ReferenceEngine
@@ -57,30 +57,7 @@ def main() -> None:
                      "ratio": rate / base})
     env = (f"{platform.machine()} {torch.get_num_threads()} threads, torch {torch.__version__}, "
            f"transformers {transformers.__version__}, model {Path(model).name}")
-    print(env)
-    print(f"{'run':<16}{'workers':>8}{'tokens':>8}{'tok/s':>10}{'vs plain':>10}")
-    for r in rows:
-        print(f"{r['run']:<16}{r['workers']:>8}{r['tokens']:>8}{r['tokens_per_s']:>10.1f}{r['ratio']:>10.2f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_reference_engine.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["environment"])
-        w.writeheader()
-        w.writerows({**r, "environment": env} for r in rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.bar([r["run"] for r in rows], [r["tokens_per_s"] for r in rows], color="tab:blue")
-    ax.set_ylabel("total tokens / s")
-    ax.set_title("Reference engine (oracle) throughput", fontsize=10)
-    fig.text(0.01, 0.01, env, fontsize=6)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(out / "bench_reference_engine.png", dpi=120)
+    write_report(rows, env, args.out, "bench_reference_engine", "Reference engine (oracle) throughput")
 
 
 if __name__ == "__main__":

@@ -14,11 +14,12 @@ Writes a CSV and a PNG plot (if matplotlib is installed) under --out.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import platform
 import time
 from pathlib import Path
+
+from _report import write_report  # benchmarks/ is the script's sys.path[0]
 
 PROBLEM = "A farmer has 17 sheep and buys 5 more each week. How many sheep after 6 weeks?"
 
@@ -77,32 +78,8 @@ def main() -> None:
                          "ratio": rate / base})
     env = (f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, vllm {vllm.__version__}, "
            f"model {Path(model).name}, {args.tokens} tokens per request / worker")
-    print(env)
-    print(f"{'run':<14}{'workers':>8}{'tokens':>8}{'seconds':>9}{'tok/s':>9}{'vs plain x1':>13}")
-    for r in rows:
-        print(f"{r['run']:<14}{r['workers']:>8}{r['tokens']:>8}{r['seconds']:>9.2f}{r['tokens_per_s']:>9.1f}"
-              f"{r['ratio']:>13.2f}")
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "bench_vllm_groups.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["environment"])
-        w.writeheader()
-        w.writerows({**r, "environment": env} for r in rows)
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    fig, ax = plt.subplots(figsize=(7, 3.5))
-    colors = ["tab:gray" if r["run"].startswith("plain") else "tab:blue" for r in rows]
-    ax.bar([r["run"] for r in rows], [r["tokens_per_s"] for r in rows], color=colors)
-    ax.set_ylabel("total tokens / s")
-    ax.set_title("vLLM (HOGWILD backend, reference op): hogwild groups vs plain requests", fontsize=10)
-    fig.text(0.01, 0.01, env, fontsize=6)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(out / "bench_vllm_groups.png", dpi=120)
+    write_report(rows, env, args.out, "bench_vllm_groups",
+                 "vLLM (HOGWILD backend, reference op): hogwild groups vs plain requests")
 
 
 if __name__ == "__main__":
