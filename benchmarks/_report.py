@@ -1,10 +1,24 @@
-"""Shared output of the benchmarks: a printed table, a CSV and a bar plot (PNG, if matplotlib is installed)."""
+"""Shared by the benchmarks: their options, the problem they run, and their output (a printed table, a CSV and a
+bar plot, PNG, if matplotlib is installed)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 from pathlib import Path
 from typing import Any
+
+PROBLEM = "A farmer has 17 sheep and buys 5 more each week. How many sheep after 6 weeks?"
+
+
+def parse_args(doc: str | None, tokens: int, tokens_help: str) -> argparse.Namespace:
+    """The options every benchmark takes: --model, --workers, --tokens, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model path (default: the project's tiny qwen2 model)")
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--tokens", type=int, default=tokens, help=tokens_help)
+    ap.add_argument("--out", default="results")
+    return ap.parse_args()
 
 
 def write_report(rows: list[dict[str, Any]], environment: str, out_dir: str, name: str, title: str) -> None:

@@ -12,28 +12,20 @@ Writes a CSV and a PNG plot (if matplotlib is installed) under --out.
 
 from __future__ import annotations
 
-import argparse
 import platform
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from _report import write_report  # benchmarks/ is the script's sys.path[0]
+from _report import PROBLEM, parse_args, write_report  # benchmarks/ is the script's sys.path[0]
 
 from hogwild_vllm.config import GroupConfig, Templates
 from hogwild_vllm.reference_engine import ReferenceEngine
 
-PROBLEM = "A farmer has 17 sheep and buys 5 more each week. How many sheep after 6 weeks?"
-
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--tokens", type=int, default=64, help="own tokens per worker")
-    ap.add_argument("--out", default="results")
-    args = ap.parse_args()
+    args = parse_args(__doc__, 64, "own tokens per worker")
     model = args.model
     if model is None:
         from hogwild_vllm.testing.tiny_models import build_tiny_model

@@ -13,24 +13,16 @@ Writes a CSV and a PNG plot (if matplotlib is installed) under --out.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
 from pathlib import Path
 
-from _report import write_report  # benchmarks/ is the script's sys.path[0]
-
-PROBLEM = "A farmer has 17 sheep and buys 5 more each week. How many sheep after 6 weeks?"
+from _report import PROBLEM, parse_args, write_report  # benchmarks/ is the script's sys.path[0]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None)
-    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
-    ap.add_argument("--tokens", type=int, default=128, help="new tokens per request / own tokens per worker")
-    ap.add_argument("--out", default="results")
-    args = ap.parse_args()
+    args = parse_args(__doc__, 128, "new tokens per request / own tokens per worker")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     import torch
     import vllm
