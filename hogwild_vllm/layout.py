@@ -264,16 +264,24 @@ class GroupState:
             text = self._token_text[tok] = self.codec.decode([tok])
         return text
 
+    def _transcript_parts(self) -> list[tuple[list[int], bool]]:
+        """The transcript's pieces as (own token ids, unfinished?): committed steps in commit order, then each
+        worker's uncommitted tokens (contiguous layout: every worker's whole log, unfinished)."""
+        if self.cfg.layout is Layout.CONTIGUOUS:
+            return [(list(log.tokens), True) for log in self.workers]
+        parts = [(self.workers[w].tokens[a:b], False) for w, a, b in self.history]
+        parts += [(log.tokens[log.step_start:], True) for log in self.workers if len(log.tokens) > log.step_start]
+        return parts
+
     def transcript(self) -> str:
         """History in commit order, then each worker's uncommitted tokens marked unfinished."""
-        if self.cfg.layout is Layout.CONTIGUOUS:
-            parts = [self.codec.decode(log.tokens) + self.tpl.unfinished_marker for log in self.workers]
-            return "".join(parts)
-        parts = [self.codec.decode(self.workers[w].tokens[a:b]) for w, a, b in self.history]
-        for log in self.workers:
-            if len(log.tokens) > log.step_start:
-                parts.append(self.codec.decode(log.tokens[log.step_start:]) + self.tpl.unfinished_marker)
-        return "".join(parts)
+        marker = self.tpl.unfinished_marker
+        return "".join(self.codec.decode(ids) + (marker if open_ else "") for ids, open_ in self._transcript_parts())
+
+    def transcript_token_ids(self) -> list[int]:
+        """The transcript as token ids (each piece's own ids; the unfinished marker encoded after open pieces)."""
+        marker = self.codec.encode(self.tpl.unfinished_marker)
+        return [t for ids, open_ in self._transcript_parts() for t in (ids + marker if open_ else ids)]
 
 
 def _view_pos(segs: list[Segment], source: int, natural: int) -> int:

@@ -52,3 +52,15 @@ def banned_token_ids(tokenizer: Any, cfg: GroupConfig, eos_token_ids: Sequence[i
         if header:
             banned.add(header[0])
     return sorted(banned)
+
+
+def eos_token_ids(*values: Any) -> list[int]:
+    """End-of-sequence ids from config values that may each be None, one id, or a list of ids (the model config's
+    and the generation config's ``eos_token_id``), sorted and without repeats."""
+    ids: set[int] = set()
+    for eos in values:
+        if isinstance(eos, int):
+            ids.add(eos)
+        elif isinstance(eos, (list, tuple)):
+            ids.update(int(e) for e in eos)
+    return sorted(ids)

@@ -23,7 +23,7 @@ from hogwild_vllm.layout import GLUE, PROMPT, GroupState, Query, Segment, find_a
 from hogwild_vllm.metadata import segment_table
 from hogwild_vllm.ops.reference import SegmentTable, hogwild_attention_reference, write_kv_reference
 from hogwild_vllm.outputs import GroupOutput, group_output
-from hogwild_vllm.prompt import HFCodec, banned_token_ids, build_prompt_ids
+from hogwild_vllm.prompt import HFCodec, banned_token_ids, build_prompt_ids, eos_token_ids
 from hogwild_vllm.rope import DeltaRope, delta_rope_for_model
 
 ATTENTION_NAME = "hogwild_reference"
@@ -134,7 +134,8 @@ class ReferenceEngine:
         self.rope = delta_rope_for_model(self.config, str(model), device=device)
         self.codec = HFCodec(self.tokenizer)
         self.dtype, self.block_size, self.attention, self.device = dtype, block_size, attention, device
-        self.eos_ids = _eos_ids(self.model)
+        self.eos_ids = eos_token_ids(getattr(self.model.config, "eos_token_id", None),
+                                     getattr(getattr(self.model, "generation_config", None), "eos_token_id", None))
 
     # ---- one group -----------------------------------------------------------------------------------------
     def generate(self, problem: str | None = None, cfg: GroupConfig | None = None, *,
@@ -268,14 +269,3 @@ def _last_indices(lengths: list[int]) -> list[int]:
         end += n
         out.append(end - 1)
     return out
-
-
-def _eos_ids(model: Any) -> list[int]:
-    ids: set[int] = set()
-    for src in (model.config, getattr(model, "generation_config", None)):
-        eos = getattr(src, "eos_token_id", None)
-        if isinstance(eos, int):
-            ids.add(eos)
-        elif isinstance(eos, (list, tuple)):
-            ids.update(int(e) for e in eos)
-    return sorted(ids)

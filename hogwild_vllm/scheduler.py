@@ -43,9 +43,9 @@ from vllm.v1.request import Request, RequestStatus
 
 from hogwild_vllm.config import GroupConfig
 from hogwild_vllm.layout import GroupState, find_answer
-from hogwild_vllm.metadata import HogwildStepMeta, RowPlan, plan_rows, source_names
+from hogwild_vllm.metadata import HogwildStepMeta, RowPlan, plan_rows, source_names, unscheduled_sources
 from hogwild_vllm.outputs import GroupOutput, group_output
-from hogwild_vllm.prompt import HFCodec, banned_token_ids
+from hogwild_vllm.prompt import HFCodec, banned_token_ids, eos_token_ids
 from hogwild_vllm.validation import parse_request, request_options
 
 logger = init_logger(f"vllm.{__name__}")
@@ -193,14 +193,8 @@ class HogwildScheduler(Scheduler):
     def eos_ids(self) -> list[int]:
         if self._eos_ids is None:
             model_config = self.vllm_config.model_config
-            ids: set[int] = set()
-            for eos in (getattr(model_config.hf_config, "eos_token_id", None),
-                        model_config.try_get_generation_config().get("eos_token_id")):
-                if isinstance(eos, int):
-                    ids.add(eos)
-                elif isinstance(eos, (list, tuple)):
-                    ids.update(int(e) for e in eos)
-            self._eos_ids = sorted(ids)
+            self._eos_ids = eos_token_ids(getattr(model_config.hf_config, "eos_token_id", None),
+                                          model_config.try_get_generation_config().get("eos_token_id"))
         return self._eos_ids
 
     # ---- scheduling -----------------------------------------------------------------------------------------
@@ -358,9 +352,8 @@ class HogwildScheduler(Scheduler):
                 if cid in g.forced:
                     forced[cid] = g.forced.pop(cid)
             rows.update(group_rows)
-            for rid in {s.source_id for row in group_rows.values() for view in row.views for s in view.segments}:
-                if rid not in group_rows:
-                    extra[rid] = tuple(self.kv_cache_manager.get_block_ids(rid)[0])
+            for rid in unscheduled_sources(group_rows):
+                extra[rid] = tuple(self.kv_cache_manager.get_block_ids(rid)[0])
             g.passes += 1
         out.hogwild = HogwildStepMeta(rows=rows, extra_blocks=extra, forced=forced)
 
@@ -408,7 +401,7 @@ class HogwildScheduler(Scheduler):
                       else RequestStatus.FINISHED_LENGTH_CAPPED)
         if g.cfg.finisher and out.answer is None and self._start_finisher(g, out):
             return
-        self._emit(outputs, g, reason, transcript_token_ids(state), out.to_dict())
+        self._emit(outputs, g, reason, state.transcript_token_ids(), out.to_dict())
 
     # ---- the finisher: one ordinary greedy request over prompt + transcript + suffix --------------------------
     def _start_finisher(self, g: _Group, out: GroupOutput) -> bool:
@@ -459,7 +452,7 @@ class HogwildScheduler(Scheduler):
         out.answer = answer
         out.usage.finisher_tokens = len(f.tokens)
         reason = FinishReason.STOP if answer is not None else FINISH_REASONS[state.finish_reason or "length"]
-        self._emit(outputs, f.group, reason, transcript_token_ids(state), out.to_dict())
+        self._emit(outputs, f.group, reason, state.transcript_token_ids(), out.to_dict())
 
     def _release(self, g: _Group, status: RequestStatus) -> None:
         """Free every child's blocks (shared prompt blocks return at the last free) and drop the group."""
@@ -519,18 +512,6 @@ class HogwildScheduler(Scheduler):
     def group_ids(self) -> list[str]:
         """Parent ids of the groups held (pending, running, or with an error not yet reported)."""
         return list(self._groups)
-
-
-def transcript_token_ids(state: GroupState) -> list[int]:
-    """The transcript as token ids (history in commit order, then unfinished steps each with the marker)."""
-    marker = state.codec.encode(state.tpl.unfinished_marker)
-    if not state.cfg.layout.has_steps:
-        return [t for log in state.workers for t in [*log.tokens, *marker]]
-    ids = [t for w, a, b in state.history for t in state.workers[w].tokens[a:b]]
-    for log in state.workers:
-        if len(log.tokens) > log.step_start:
-            ids += log.tokens[log.step_start:] + marker
-    return ids
 
 
 def _cdiv(a: int, b: int) -> int:
