@@ -134,7 +134,7 @@ def check_extension() -> Result:
     if os.environ.get("HOGWILD_SKIP_EXT") == "1":
         return Result("extension", None, "HOGWILD_SKIP_EXT=1: not built")
     code, out, err = _python(
-        "import torch; from hogwild_vllm._ext import load_ops; load_ops(); "
+        "import torch; from hogwild_vllm.ops._ext import load_ops; load_ops(); "
         "print(', '.join(sorted(n for n in torch._C._dispatch_get_all_op_names() if n.startswith('hogwild_C::'))))"
     )
     if code != 0:

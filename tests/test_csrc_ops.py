@@ -13,7 +13,7 @@ from typing import TypedDict
 import pytest
 import torch
 
-from hogwild_vllm._ext import load_ops
+from hogwild_vllm.ops._ext import load_ops
 
 HEAD_SIZES = (64, 80, 128)
 ROTARY_FRACTIONS = (1.0, 0.5)  # rotary_dim = head_size * fraction: full and partial rotary

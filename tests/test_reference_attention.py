@@ -7,15 +7,32 @@ the segment-wise reference with plain causal attention over each materialized vi
 
 from __future__ import annotations
 
-import importlib.util
 import random
 import zlib
-from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any, TypedDict
+from typing import Any
 
 import pytest
 import torch
+from attention_cases import (
+    BLOCK_SIZES,
+    DTYPES,
+    GQA_RATIOS,
+    HEAD_SIZES,
+    LSE_TOLERANCES,
+    NUM_KV_HEADS,
+    NUM_WORKERS,
+    OUT_TOLERANCES,
+    PADDING_SLOT,
+    ROPE_IMPLS,
+    ROPE_STYLES,
+    STYLE_DTYPE_CASES,
+    Scenario,
+    allocate_blocks,
+    build_scenario,
+    make_rope,
+    oracle,
+    token_slots,
+)
 
 from hogwild_vllm.ops import (
     DeltaRotation,
@@ -25,78 +42,6 @@ from hogwild_vllm.ops import (
     materialize_views_reference,
     write_kv_reference,
 )
-
-HEAD_SIZES = [64, 128]
-GQA_RATIOS = [1, 4, 5]  # query heads per KV head
-NUM_KV_HEADS = 2
-BLOCK_SIZES = [16, 32, 128]
-NUM_WORKERS = [1, 2, 3, 4]
-DTYPES = [torch.float32, torch.bfloat16]
-# style -> (is_neox_style, rotary_dim / head_size)
-ROPE_STYLES = {"neox": (True, 1.0), "gptj": (False, 1.0), "neox-partial": (True, 0.5), "gptj-partial": (False, 0.25)}
-# The main grid pairs styles with dtypes instead of crossing them (half the runtime): every style and every dtype
-# appears, and the rotation is fp32 math on upcast inputs whatever the dtype.
-STYLE_DTYPE_CASES = [("neox", torch.float32), ("gptj", torch.bfloat16), ("neox-partial", torch.bfloat16),
-                     ("gptj-partial", torch.float32)]
-ROPE_BASE = 10000.0
-MAX_POSITION = 4096
-
-
-class Tolerance(TypedDict):
-    atol: float
-    rtol: float
-
-
-# Reference output (in the input dtype) against the fp32 oracle: fp32 rounding (seen: 2e-6), and for bf16 one rounding
-# of the result (relative 2**-8 at most). lse is fp32 math on the same inputs in both (seen: 2e-6).
-OUT_TOLERANCES: dict[torch.dtype, Tolerance] = {
-    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
-    torch.bfloat16: {"atol": 1e-5, "rtol": 2**-7},
-}
-LSE_TOLERANCES: dict[torch.dtype, Tolerance] = {
-    torch.float32: {"atol": 1e-5, "rtol": 1e-5},
-    torch.bfloat16: {"atol": 1e-5, "rtol": 1e-5},
-}
-GLUE = {"others_header": 4, "unfinished": 2, "own_header": 3}  # glue strings, in glue-sequence order
-PADDING_SLOT = -1
-
-
-class _TestRope:
-    """Test double of hogwild_vllm.rope.DeltaRope: plain RoPE (base 10000) computed from scratch in fp64."""
-
-    def __init__(self, head_size: int, rotary_dim: int, is_neox_style: bool) -> None:
-        self.head_size, self.rotary_dim, self.is_neox_style = head_size, rotary_dim, is_neox_style
-        self.inv_freq = ROPE_BASE ** -(torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim)  # [R/2]
-
-    def rotate(self, x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
-        angle = delta.double()[:, None] * self.inv_freq  # [T, R/2]
-        cos, sin = angle.cos().float()[:, None, :], angle.sin().float()[:, None, :]  # [T, 1, R/2]
-        out = x.float().clone()  # [T, H, D]
-        rot = out[..., : self.rotary_dim]  # [T, H, R]
-        x1, x2 = rot.chunk(2, dim=-1) if self.is_neox_style else (rot[..., 0::2], rot[..., 1::2])  # [T, H, R/2]
-        y1, y2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin  # [T, H, R/2] each
-        pairs = torch.cat((y1, y2), -1) if self.is_neox_style else torch.stack((y1, y2), -1).flatten(-2)
-        out[..., : self.rotary_dim] = pairs  # [T, H, R]
-        return out.to(x.dtype)
-
-
-def _vllm_rope(head_size: int, rotary_dim: int, is_neox_style: bool) -> DeltaRotation:
-    from hogwild_vllm.rope import DeltaRope, RopeSpec
-
-    spec = RopeSpec(head_size=head_size, rotary_dim=rotary_dim, max_position=MAX_POSITION, base=ROPE_BASE,
-                    is_neox_style=is_neox_style)
-    return DeltaRope(spec)
-
-
-ROPE_IMPLS: dict[str, Callable[[int, int, bool], DeltaRotation]] = {"double": _TestRope}
-if importlib.util.find_spec("vllm") and importlib.util.find_spec("hogwild_vllm.rope"):
-    ROPE_IMPLS["vllm"] = _vllm_rope
-
-
-def _make_rope(impl: str, style: str, head_size: int) -> DeltaRotation:
-    is_neox_style, fraction = ROPE_STYLES[style]
-    return ROPE_IMPLS[impl](head_size, int(head_size * fraction), is_neox_style)
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -109,147 +54,6 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
     return random.Random(seed)
 
 
-def _allocate_blocks(lengths: list[int], block_size: int, spare: int,
-                     rng: random.Random) -> tuple[torch.Tensor, int]:
-    """(block tables [num_seqs, max_blocks + 1] int32, num_blocks): a randperm'd pool, sequences' blocks interleaved,
-    `spare` blocks unused. Unused entries hold an out-of-range block id, so reading past a sequence raises."""
-    needed = [-(-length // block_size) for length in lengths]
-    num_blocks = sum(needed) + spare
-    pool = torch.randperm(num_blocks).tolist()
-    owners = [seq for seq, count in enumerate(needed) for _ in range(count)]
-    rng.shuffle(owners)
-    tables = torch.full((len(lengths), max(needed) + 1), num_blocks + 1000, dtype=torch.int32)
-    filled = [0] * len(lengths)
-    for seq in owners:
-        tables[seq, filled[seq]] = pool.pop()
-        filled[seq] += 1
-    return tables, num_blocks
-
-
-def _slots(block_tables: torch.Tensor, seq: int, index: torch.Tensor, block_size: int) -> torch.Tensor:
-    """Cache slots [n] int64 of the tokens index [n] of one sequence."""
-    return block_tables[seq].long()[index // block_size] * block_size + index % block_size
-
-
-@dataclass
-class _Layout:
-    lengths: list[int]  # per sequence
-    first_written: list[int]  # per sequence: tokens before this index are never written (garbage in the cache)
-    views: list[list[tuple[int, int, int]]]  # per view: (seq, start, length) in view order
-    queries: list[list[tuple[int, int]]]  # per view: (natural, view) position of each query token
-
-
-def _combined_layout(num_workers: int, rng: random.Random) -> _Layout:
-    """Sequence 0 is the prompt, 1..N the worker logs (prompt, then own tokens), N + 1 the glue strings.
-    View w - 1 is worker w's: C . history . header . (peer step . marker)* . header . own step (causal queries).
-    View N prefills the prompt's tail. One or two empty segments are dropped at random places in every view."""
-    prompt, workers, glue = rng.randint(1, 100), range(1, num_workers + 1), num_workers + 1
-    glue_start = dict(zip(GLUE, [prompt + sum(list(GLUE.values())[:i]) for i in range(len(GLUE))], strict=True))
-    glue_seg = {name: (glue, glue_start[name], GLUE[name]) for name in GLUE}
-    steps = {w: [rng.randint(1, 24) for _ in range(rng.randint(0, 2))] for w in workers}
-    step_starts = {w: [prompt + sum(steps[w][:i]) for i in range(len(steps[w]) + 1)] for w in workers}
-    num_queries = {w: rng.randint(1, 4) for w in workers}
-    current = {w: rng.randint(num_queries[w], num_queries[w] + 12) for w in workers}  # uncommitted step length
-    commit_order = [w for w in workers for _ in steps[w]]
-    rng.shuffle(commit_order)
-    committed = {w: 0 for w in workers}
-    history = []
-    for w in commit_order:
-        history.append((w, step_starts[w][committed[w]], steps[w][committed[w]]))
-        committed[w] += 1
-    lengths = [prompt] + [step_starts[w][-1] + current[w] for w in workers] + [prompt + sum(GLUE.values())]
-    views, queries = [], []
-    for w in workers:
-        view = [(0, 0, prompt), *history, glue_seg["others_header"]]
-        for peer in workers:
-            if peer != w:
-                view += [(peer, step_starts[peer][-1], current[peer]), glue_seg["unfinished"]]
-        view += [glue_seg["own_header"], (w, step_starts[w][-1], current[w])]
-        own_view_start = sum(length for _, _, length in view[:-1])
-        queries.append([(step_starts[w][-1] + j, own_view_start + j)
-                        for j in range(current[w] - num_queries[w], current[w])])
-        views.append(view)
-    views.append([(0, 0, prompt)])
-    queries.append([(i, i) for i in range(max(0, prompt - 3), prompt)])
-    for view in views:
-        for _ in range(rng.randint(1, 2)):
-            seq = rng.randrange(len(lengths))
-            view.insert(rng.randint(0, len(view)), (seq, rng.randint(0, lengths[seq]), 0))
-    return _Layout(lengths, [0] + [prompt] * (num_workers + 1), views, queries)
-
-
-@dataclass
-class _Scenario:
-    query: torch.Tensor  # [T, Hq, D] input dtype, rotated at natural positions, non-contiguous
-    raw_query: torch.Tensor  # [T, Hq, D] fp32, before rotation
-    key_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
-    value_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
-    block_tables: torch.Tensor  # [num_seqs, max_blocks] int32
-    table: SegmentTable
-    raw_keys: list[torch.Tensor]  # per sequence [L_s, Hkv, D] fp32, before rotation
-    keys: list[torch.Tensor]  # per sequence [L_s, Hkv, D] as stored (rotated at natural positions)
-    values: list[torch.Tensor]  # per sequence [L_s, Hkv, D] as stored
-
-
-def _make_scenario(layout: _Layout, rope: DeltaRotation, block_size: int, num_heads: int, dtype: torch.dtype,
-                   rng: random.Random) -> _Scenario:
-    """Write every sequence (in one shuffled write with padding tokens) into a garbage-filled paged cache."""
-    head_size = rope.head_size
-    block_tables, num_blocks = _allocate_blocks(layout.lengths, block_size, spare=rng.randint(1, 3), rng=rng)
-    cache_shape = (num_blocks, block_size, NUM_KV_HEADS, head_size)
-    key_cache, value_cache = torch.randn(cache_shape).to(dtype), torch.randn(cache_shape).to(dtype)
-    raw_keys = [torch.randn(length, NUM_KV_HEADS, head_size) for length in layout.lengths]
-    keys = [rope.rotate(raw, torch.arange(raw.shape[0])).to(dtype) for raw in raw_keys]
-    values = [torch.randn(length, NUM_KV_HEADS, head_size).to(dtype) for length in layout.lengths]
-    written = [torch.arange(first, length) for first, length in zip(layout.first_written, layout.lengths, strict=True)]
-    slots = [_slots(block_tables, seq, index, block_size) for seq, index in enumerate(written)]
-    num_padding = rng.randint(1, 3)
-    slot_mapping = torch.cat([*slots, torch.full((num_padding,), PADDING_SLOT)])  # [W]
-    order = torch.randperm(slot_mapping.shape[0])  # [W]
-    padding = [torch.randn(num_padding, *cache_shape[2:])]  # [P, Hkv, D]: must never reach the cache
-    new_keys = torch.cat([k[i] for k, i in zip(keys, written, strict=True)] + padding)  # [W, Hkv, D]
-    new_values = torch.cat([v[i] for v, i in zip(values, written, strict=True)] + padding)  # [W, Hkv, D]
-    write_kv_reference(new_keys[order], new_values[order], key_cache, value_cache, slot_mapping[order])
-
-    segments, offsets, query_view, query_pos = [], [0], [], []
-    for view, (segs, queries) in enumerate(zip(layout.views, layout.queries, strict=True)):
-        view_start = 0
-        for seq, start, length in segs:
-            segments.append((seq, start, length, view_start))
-            view_start += length
-        offsets.append(len(segments))
-        query_view += [view] * len(queries)
-        query_pos += queries
-    order = torch.randperm(len(query_view))  # [T] tokens of different views interleaved in the batch
-    positions = torch.tensor(query_pos, dtype=torch.int64)[order]  # [T, 2]
-    table = SegmentTable(torch.tensor(segments, dtype=torch.int32).reshape(-1, 4),
-                         torch.tensor(offsets, dtype=torch.int32), torch.tensor(query_view, dtype=torch.int32)[order],
-                         positions.to(torch.int32))
-    raw_query = torch.randn(positions.shape[0], num_heads, head_size)  # [T, Hq, D]
-    storage = torch.randn(positions.shape[0], num_heads, 2 * head_size).to(dtype)  # [T, Hq, 2D]
-    storage[..., :head_size] = rope.rotate(raw_query, positions[:, 0]).to(dtype)
-    return _Scenario(storage[..., :head_size], raw_query, key_cache, value_cache, block_tables, table,
-                     raw_keys, keys, values)
-
-
-def _build(num_workers: int, block_size: int, num_heads: int, dtype: torch.dtype, rope: DeltaRotation,
-           rng: random.Random) -> _Scenario:
-    return _make_scenario(_combined_layout(num_workers, rng), rope, block_size, num_heads, dtype, rng)
-
-
-def _oracle(sc: _Scenario, rope: DeltaRotation, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense oracle over every materialized view -> (out [T, Hq, D] fp32, lse [T, Hq] fp32)."""
-    out = torch.full((*sc.query.shape[:2], sc.value_cache.shape[3]), float("nan"))  # [T, Hq, Dv]
-    lse = torch.full(sc.query.shape[:2], float("nan"))  # [T, Hq]
-    views = materialize_views_reference(sc.key_cache, sc.value_cache, sc.block_tables, sc.table)
-    for view, dense in enumerate(views):
-        rows = torch.nonzero(sc.table.query_view == view).squeeze(1)  # [Tv]
-        n_q, p_q = sc.table.query_pos[rows].long().unbind(1)  # [Tv] each
-        out[rows], lse[rows] = dense_view_attention_reference(
-            sc.query[rows], n_q, p_q, dense.keys, dense.values, dense.natural_pos, dense.view_pos, rope, scale)
-    return out, lse
-
-
 def _attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
             table: SegmentTable, rope: DeltaRotation, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     """hogwild_attention_reference with return_lse=True -> (out [T, Hq, Dv], lse [T, Hq])."""
@@ -258,7 +62,7 @@ def _attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Ten
     return result
 
 
-def _run(sc: _Scenario, rope: DeltaRotation, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _run(sc: Scenario, rope: DeltaRotation, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
     return _attend(sc.query, sc.key_cache, sc.value_cache, sc.block_tables, sc.table, rope, scale)
 
 
@@ -268,14 +72,14 @@ def _run(sc: _Scenario, rope: DeltaRotation, scale: float) -> tuple[torch.Tensor
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 @pytest.mark.parametrize("gqa_ratio", GQA_RATIOS)
 @pytest.mark.parametrize("head_size", HEAD_SIZES)
-def test_attention_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int, num_workers: int,
+def test_attention_matches_denseoracle(head_size: int, gqa_ratio: int, block_size: int, num_workers: int,
                                         dtype: torch.dtype, rope_style: str, rope_impl: str,
                                         rng: random.Random) -> None:
     """The segment-wise reference equals plain causal attention over each materialized view (keys re-rotated)."""
-    rope = _make_rope(rope_impl, rope_style, head_size)
-    sc = _build(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, rng)
+    rope = make_rope(rope_impl, rope_style, head_size)
+    sc = build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, rng)
     out, lse = _run(sc, rope, head_size**-0.5)
-    expected_out, expected_lse = _oracle(sc, rope, head_size**-0.5)
+    expected_out, expected_lse = oracle(sc, rope, head_size**-0.5)
     assert out.dtype == dtype and out.shape == sc.query.shape and lse.dtype == torch.float32
     torch.testing.assert_close(out.float(), expected_out, **OUT_TOLERANCES[dtype])
     torch.testing.assert_close(lse, expected_lse, **LSE_TOLERANCES[dtype])
@@ -289,8 +93,8 @@ def test_scores_are_the_models_at_view_positions(num_workers: int, rope_style: s
     """Independent of the oracle: rotate the raw (pre-RoPE) queries and keys straight to their view positions, as the
     model would for one dense sequence laid out like the view; lse must be torch.logsumexp of those scores."""
     head_size, gqa_ratio, scale = 64, 4, 0.125
-    rope = _make_rope(rope_impl, rope_style, head_size)
-    sc = _build(num_workers, 16, NUM_KV_HEADS * gqa_ratio, torch.float32, rope, rng)
+    rope = make_rope(rope_impl, rope_style, head_size)
+    sc = build_scenario(num_workers, 16, NUM_KV_HEADS * gqa_ratio, torch.float32, rope, rng)
     out, lse = _run(sc, rope, scale)
     for view in range(sc.table.num_views):
         rows = torch.nonzero(sc.table.query_view == view).squeeze(1)  # [Tv]
@@ -322,7 +126,7 @@ def _table(views: list[list[tuple[int, int, int, int]]], queries: list[list[tupl
 def _paged_cache(lengths: list[int], block_size: int, head_size: int, value_size: int,
                  rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(key_cache, value_cache, block_tables) full of random fp32 data, for hand-made tables."""
-    block_tables, num_blocks = _allocate_blocks(lengths, block_size, spare=2, rng=rng)
+    block_tables, num_blocks = allocate_blocks(lengths, block_size, spare=2, rng=rng)
     key_cache = torch.randn(num_blocks, block_size, NUM_KV_HEADS, head_size)
     return key_cache, torch.randn(num_blocks, block_size, NUM_KV_HEADS, value_size), block_tables
 
@@ -334,7 +138,7 @@ def test_segment_is_visible_up_to_the_query_view_position(block_size: int, rope_
     """Segments A (view 0..9), B (10..39, starts mid-block) and C (45..54): queries see exactly the keys at view
     positions <= p_q. Checked against the oracle given only those keys, and by overwriting the invisible ones."""
     head_size, value_size, num_heads, scale = 64, 32, NUM_KV_HEADS * 5, 0.125
-    rope = _make_rope("double", rope_style, head_size)
+    rope = make_rope("double", rope_style, head_size)
     key_cache, value_cache, block_tables = _paged_cache([70, 140], block_size, head_size, value_size, rng)
     p_q = torch.tensor([9, 10, 25, 39, 44, 45, 54])  # [Tq]
     n_q = torch.randint(0, 140, p_q.shape)  # [Tq]
@@ -350,8 +154,8 @@ def test_segment_is_visible_up_to_the_query_view_position(block_size: int, rope_
             dense.natural_pos[:seen], dense.view_pos[:seen], rope, scale)
         torch.testing.assert_close(out[i : i + 1], expected_out, **OUT_TOLERANCES[torch.float32])
         torch.testing.assert_close(lse[i : i + 1], expected_lse, **LSE_TOLERANCES[torch.float32])
-    hidden = torch.cat([_slots(block_tables, 1, torch.arange(116, 130), block_size),
-                        _slots(block_tables, 0, torch.arange(55, 65), block_size)])  # B past view 25, and C
+    hidden = torch.cat([token_slots(block_tables, 1, torch.arange(116, 130), block_size),
+                        token_slots(block_tables, 0, torch.arange(55, 65), block_size)])  # B past view 25, and C
     key_cache.flatten(0, 1)[hidden] = 100 * torch.randn(hidden.shape[0], NUM_KV_HEADS, head_size)
     value_cache.flatten(0, 1)[hidden] = 100 * torch.randn(hidden.shape[0], NUM_KV_HEADS, value_size)
     again, _ = _attend(query, key_cache, value_cache, block_tables, table, rope, scale)
@@ -364,7 +168,7 @@ def test_query_without_visible_key_gets_zeros(rng: random.Random) -> None:
     A query at view position 10 sees exactly one key: its output is that key's value (from KV head h // 5), and its
     lse is the score with the query rotated by (p_q - n_q) - (view_start - start)."""
     head_size, value_size, gqa_ratio, scale = 64, 32, 5, 0.125
-    rope = _make_rope("double", "gptj-partial", head_size)
+    rope = make_rope("double", "gptj-partial", head_size)
     key_cache, value_cache, block_tables = _paged_cache([40], 16, head_size, value_size, rng)
     queries = [[(30, 0), (30, 9), (30, 10)], [(7, 7)], [(12, 50)]]
     table = _table([[(0, 5, 8, 10)], [], [(0, 3, 0, 0), (0, 20, 0, 4)]], queries)
@@ -373,7 +177,7 @@ def test_query_without_visible_key_gets_zeros(rng: random.Random) -> None:
     hidden = torch.tensor([0, 1, 3, 4])
     assert torch.equal(out[hidden], torch.zeros_like(out[hidden]))
     assert bool((lse[hidden] == float("-inf")).all())
-    slot = _slots(block_tables, 0, torch.tensor([5]), 16)  # [1]
+    slot = token_slots(block_tables, 0, torch.tensor([5]), 16)  # [1]
     key, value = key_cache.flatten(0, 1)[slot], value_cache.flatten(0, 1)[slot]  # [1, Hkv, D], [1, Hkv, Dv]
     torch.testing.assert_close(out[2], value[0].repeat_interleave(gqa_ratio, dim=0))  # [Hq, Dv]
     q = rope.rotate(query[2:3], torch.tensor([(10 - 30) - (10 - 5)]))  # [1, Hq, D]
@@ -391,17 +195,17 @@ def test_query_without_visible_key_gets_zeros(rng: random.Random) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
-def test_write_kv_changes_exactly_the_given_slots(block_size: int, dtype: torch.dtype, rng: random.Random) -> None:
+def test_write_kv_changes_exactly_the_giventoken_slots(block_size: int, dtype: torch.dtype, rng: random.Random) -> None:
     """Four sequences write their new tokens (the tail of each) into one cache in one shuffled call, with padding
     tokens at slot -1. The cache has one extra last block that no table uses: slot -1 taken as an index lands there."""
     head_size, value_size = 64, 32
     lengths = [rng.randint(1, 3 * block_size) for _ in range(4)]
-    block_tables, num_blocks = _allocate_blocks(lengths, block_size, spare=2, rng=rng)
+    block_tables, num_blocks = allocate_blocks(lengths, block_size, spare=2, rng=rng)
     key_cache = torch.randn(num_blocks + 1, block_size, NUM_KV_HEADS, head_size).to(dtype)
     value_cache = torch.randn(num_blocks + 1, block_size, NUM_KV_HEADS, value_size).to(dtype)
     key_before, value_before = key_cache.clone(), value_cache.clone()
     new_tokens = [torch.arange(rng.randint(0, length - 1), length) for length in lengths]
-    slots = [_slots(block_tables, seq, index, block_size) for seq, index in enumerate(new_tokens)]
+    slots = [token_slots(block_tables, seq, index, block_size) for seq, index in enumerate(new_tokens)]
     slot_mapping = torch.cat([*slots, torch.full((3,), PADDING_SLOT)])[torch.randperm(sum(map(len, slots)) + 3)]
     key = torch.randn(slot_mapping.shape[0], NUM_KV_HEADS, head_size)  # [W, Hkv, D] fp32, cast on write
     value = torch.randn(slot_mapping.shape[0], NUM_KV_HEADS, value_size)  # [W, Hkv, Dv]
@@ -416,8 +220,8 @@ def test_write_kv_changes_exactly_the_given_slots(block_size: int, dtype: torch.
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_reads_do_not_modify_their_inputs(dtype: torch.dtype, rng: random.Random) -> None:
-    rope = _make_rope("double", "neox", 64)
-    sc = _build(3, 16, NUM_KV_HEADS * 4, dtype, rope, rng)
+    rope = make_rope("double", "neox", 64)
+    sc = build_scenario(3, 16, NUM_KV_HEADS * 4, dtype, rope, rng)
     table = [sc.table.segments, sc.table.view_offsets, sc.table.query_view, sc.table.query_pos]
     inputs = [sc.query, sc.key_cache, sc.value_cache, sc.block_tables, *table]
     before = [tensor.clone() for tensor in inputs]
@@ -430,8 +234,8 @@ def test_reads_do_not_modify_their_inputs(dtype: torch.dtype, rng: random.Random
 @pytest.mark.parametrize("num_workers", NUM_WORKERS)
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_materialized_views_hold_the_written_tokens(block_size: int, num_workers: int, rng: random.Random) -> None:
-    rope = _make_rope("double", "neox", 64)
-    sc = _build(num_workers, block_size, NUM_KV_HEADS, torch.float32, rope, rng)
+    rope = make_rope("double", "neox", 64)
+    sc = build_scenario(num_workers, block_size, NUM_KV_HEADS, torch.float32, rope, rng)
     views = materialize_views_reference(sc.key_cache, sc.value_cache, sc.block_tables, sc.table)
     assert len(views) == sc.table.num_views
     for view, dense in enumerate(views):
@@ -470,7 +274,7 @@ def test_bad_tables_are_refused(change: dict[str, Any], message: str) -> None:
     fields = {name: value if isinstance(value, torch.Tensor) else _i32(value)
               for name, value in {**GOOD_TABLE, **change}.items()}
     key_cache = torch.randn(4, 16, NUM_KV_HEADS, 64)  # one table row of 4 blocks: tokens 0..63
-    rope = _make_rope("double", "neox", 64)
+    rope = make_rope("double", "neox", 64)
     with pytest.raises(ValueError, match=message):
         table = SegmentTable(**fields)
         hogwild_attention_reference(torch.randn(1, NUM_KV_HEADS, 64), key_cache, key_cache, _i32([[3, 1, 0, 2]]),
@@ -480,14 +284,14 @@ def test_bad_tables_are_refused(change: dict[str, Any], message: str) -> None:
 def test_good_table_is_accepted_and_lse_is_optional() -> None:
     table = SegmentTable(**{name: _i32(value) for name, value in GOOD_TABLE.items()})
     key_cache, query = torch.randn(4, 16, NUM_KV_HEADS, 64), torch.randn(1, NUM_KV_HEADS, 64)
-    rope = _make_rope("double", "neox", 64)
+    rope = make_rope("double", "neox", 64)
     out = hogwild_attention_reference(query, key_cache, key_cache, _i32([[3, 1, 0, 2]]), table, rope, 0.125)
     out_with_lse, lse = _attend(query, key_cache, key_cache, _i32([[3, 1, 0, 2]]), table, rope, 0.125)
     assert isinstance(out, torch.Tensor) and torch.equal(out, out_with_lse) and bool(lse.isfinite().all())
 
 
 @pytest.mark.parametrize(("slots", "message"), [([3, 3], "twice"), ([0, 64], "past the cache")])
-def test_write_kv_refuses_bad_slots(slots: list[int], message: str) -> None:
+def test_write_kv_refuses_badtoken_slots(slots: list[int], message: str) -> None:
     cache = torch.zeros(4, 16, NUM_KV_HEADS, 8)
     with pytest.raises(ValueError, match=message):
         write_kv_reference(torch.ones(2, NUM_KV_HEADS, 8), torch.ones(2, NUM_KV_HEADS, 8), cache, cache.clone(),
@@ -500,7 +304,7 @@ def test_rope_is_a_relative_rotation(rope_style: str, rope_impl: str) -> None:
     """What the references rely on: rotations compose additively, scores depend on the relative delta only, the
     pass-through dims are copied, and the pairing is neox halves or gptj neighbours (first frequency is 1 rad)."""
     head_size = 64
-    rope = _make_rope(rope_impl, rope_style, head_size)
+    rope = make_rope(rope_impl, rope_style, head_size)
     torch.manual_seed(0)
     x, y = torch.randn(2, 6, 3, head_size).unbind(0)  # [T, H, D] each
     a, b = torch.tensor([0, 1, -7, 300, 2, -1000]), torch.tensor([5, -1, 7, -299, 0, 999])  # [T]
@@ -527,5 +331,5 @@ def test_test_rope_matches_the_real_one(rope_style: str, rope_impl: str) -> None
     table in fp32, so its angles are off by up to about |delta| * 2**-24 rad against the fp64 double."""
     torch.manual_seed(0)
     x, delta = torch.randn(8, 3, 128), torch.tensor([0, 1, -1, 17, -250, 1000, -3000, 4095])
-    real, double = _make_rope(rope_impl, rope_style, 128), _make_rope("double", rope_style, 128)
+    real, double = make_rope(rope_impl, rope_style, 128), make_rope("double", rope_style, 128)
     torch.testing.assert_close(real.rotate(x, delta), double.rotate(x, delta), atol=1e-3, rtol=1e-3)

@@ -1,20 +1,121 @@
-"""Cache and attention ops for Hogwild! inference. For now the pure-PyTorch references (oracle and fallback)."""
+"""Cache and attention ops for Hogwild! inference: one interface, the fastest implementation for the device.
+
+    out = hogwild_attention(query, key_cache, value_cache, block_tables, table, rope, scale)
+
+picks, by the query's device:
+
+* CPU: the compiled op ``torch.ops.hogwild_C.hogwild_attention`` (``csrc/cpu/hogwild_attention.cpp``);
+* CUDA: the Triton kernel (``ops/triton_attention.py``);
+* otherwise, or when the fast one is missing (no compiled extension, no Triton), the pure-torch reference
+  (``ops/reference.py``), saying so once in the log.
+
+``HOGWILD_ATTENTION_IMPL`` (``auto`` | ``reference`` | ``ext`` | ``triton``) forces one. Every implementation reads
+any strided paged cache ``[num_blocks, block_size, Hkv, D]`` (vLLM's CPU page layout, where keys are stored
+dim-major inside a page, is such a view) and the same :class:`SegmentTable`. Pure torch: importing this package
+never needs vLLM.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
 
 from hogwild_vllm.ops.reference import (
     DeltaRotation,
     DenseView,
-    SegmentTable,
     dense_view_attention_reference,
     hogwild_attention_reference,
     materialize_views_reference,
     write_kv_reference,
 )
+from hogwild_vllm.ops.segments import SegmentTable
+
+IMPL_ENV = "HOGWILD_ATTENTION_IMPL"
+IMPLS = ("auto", "reference", "ext", "triton")
+logger = logging.getLogger("vllm.hogwild_vllm.ops")
+
+
+def _forced_impl() -> str:
+    value = os.environ.get(IMPL_ENV, "auto").strip().lower() or "auto"
+    if value not in IMPLS:
+        raise ValueError(f"{IMPL_ENV}={value!r}: expected one of {', '.join(IMPLS)}")
+    return value
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    logger.warning(message)
+
+
+def attention_impl(device: torch.device) -> str:
+    """The implementation :func:`hogwild_attention` uses for tensors on ``device``: ext, triton or reference."""
+    forced = _forced_impl()
+    if forced != "auto":
+        return forced
+    if device.type == "cpu":
+        from hogwild_vllm.ops._ext import has_ext
+
+        if has_ext():
+            return "ext"
+        _warn_once("hogwild: the compiled extension is missing, attention runs on the slow pure-torch reference "
+                   "(build it with `make setup`)")
+        return "reference"
+    if device.type == "cuda":
+        from hogwild_vllm.ops.triton_attention import has_triton
+
+        if has_triton():
+            return "triton"
+        _warn_once("hogwild: Triton is not importable, attention runs on the slow pure-torch reference")
+    return "reference"
+
+
+def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
+                      block_tables: torch.Tensor, table: SegmentTable, rope: DeltaRotation, scale: float,
+                      out: torch.Tensor | None = None, return_lse: bool = False,
+                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Attention of every query token over its view (see ``hogwild_attention_reference`` for the semantics).
+
+    query: [T, Hq, D]; key_cache: [num_blocks, block_size, Hkv, D]; value_cache: [num_blocks, block_size, Hkv, Dv];
+    block_tables: [num_seqs, max_blocks] int32; ``rope.cos_sin_table`` on the query's device. ``out`` [T, Hq, Dv]
+    (query dtype, last dim contiguous) is written in place when given. Returns out, and lse [T, Hq] fp32 with
+    ``return_lse``. The fast implementations trust the table (no host sync); the reference checks it.
+    """
+    impl = attention_impl(query.device)
+    if impl == "reference":
+        result = hogwild_attention_reference(query, key_cache, value_cache, block_tables, table, rope, scale, True)
+        assert isinstance(result, tuple)
+        ref_out, lse = result
+        if out is not None:
+            out.copy_(ref_out)
+            ref_out = out
+        return (ref_out, lse) if return_lse else ref_out
+    if out is None:
+        out = query.new_empty(query.shape[0], query.shape[1], value_cache.shape[3])
+    lse = query.new_empty(query.shape[:2], dtype=torch.float32) if return_lse else None
+    if impl == "ext":
+        from hogwild_vllm.ops._ext import load_ops
+
+        load_ops().hogwild_attention(out, query, key_cache, value_cache, block_tables, table.segments,
+                                     table.view_offsets, table.query_view, table.query_pos, rope.cos_sin_table,
+                                     rope.rotary_dim, rope.is_neox_style, float(scale), lse)
+    else:
+        from hogwild_vllm.ops.triton_attention import hogwild_attention_triton
+
+        hogwild_attention_triton(query, key_cache, value_cache, block_tables, table, rope, scale, out, lse)
+    return (out, lse) if lse is not None else out
+
 
 __all__ = [
+    "IMPL_ENV",
     "DeltaRotation",
     "DenseView",
     "SegmentTable",
+    "attention_impl",
     "dense_view_attention_reference",
+    "hogwild_attention",
     "hogwild_attention_reference",
     "materialize_views_reference",
     "write_kv_reference",
