@@ -74,7 +74,7 @@ def attention_impl(device: torch.device) -> str:
 
 def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, table: SegmentTable, rope: DeltaRotation, scale: float,
-                      out: torch.Tensor | None = None, return_lse: bool = False,
+                      out: torch.Tensor | None = None, return_lse: bool = False, impl: str | None = None,
                       ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query token over its view (see ``hogwild_attention_reference`` for the semantics).
 
@@ -82,8 +82,11 @@ def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     block_tables: [num_seqs, max_blocks] int32; ``rope.cos_sin_table`` on the query's device. ``out`` [T, Hq, Dv]
     (query dtype, last dim contiguous) is written in place when given. Returns out, and lse [T, Hq] fp32 with
     ``return_lse``. The fast implementations trust the table (no host sync); the reference checks it.
+    ``impl`` (``reference`` | ``ext`` | ``triton``) overrides the choice of :func:`attention_impl` (tests, benchmarks).
     """
-    impl = attention_impl(query.device)
+    impl = impl or attention_impl(query.device)
+    if impl not in IMPLS[1:]:
+        raise ValueError(f"impl={impl!r}: expected one of {', '.join(IMPLS[1:])}")
     if impl == "reference":
         result = hogwild_attention_reference(query, key_cache, value_cache, block_tables, table, rope, scale, True)
         assert isinstance(result, tuple)
