@@ -4,6 +4,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 // hogwild_C::rotate_by_delta(Tensor! x, Tensor delta, Tensor cos_sin_table, int rotary_dim, bool is_neox) -> ()
 // In place: rotates the first rotary_dim dims of every head of x[t] by delta[t] positions.
 //   x:             [num_tokens, num_heads, head_size], fp32 / bf16 / fp16, last dim contiguous (modified)
@@ -11,6 +13,23 @@
 //   cos_sin_table: [table_rows, rotary_dim], fp32: cos(angle(d)) then sin(angle(d)) for d = 0 .. table_rows - 1
 void rotate_by_delta_cpu(at::Tensor& x, const at::Tensor& delta, const at::Tensor& cos_sin_table, int64_t rotary_dim,
                          bool is_neox);
+
+// hogwild_C::hogwild_attention(Tensor! out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables,
+//     Tensor segments, Tensor view_offsets, Tensor query_view, Tensor query_pos, Tensor cos_sin_table,
+//     int rotary_dim, bool is_neox, float scale, Tensor!? lse) -> ()
+// Position-delta attention of every query token over its view (semantics: hogwild_vllm/ops/reference.py).
+//   out:          [T, Hq, Dv], query dtype, last dim contiguous (written)
+//   query:        [T, Hq, D], fp32 / bf16 / fp16, rotated at natural positions, last dim contiguous
+//   key_cache:    [num_blocks, block_size, Hkv, D], query dtype, contiguous along D or along a page's tokens
+//   value_cache:  [num_blocks, block_size, Hkv, Dv], query dtype, last dim contiguous
+//   block_tables: [num_seqs, max_blocks] int32; segments [S, 4], view_offsets [V + 1], query_view [T],
+//   query_pos [T, 2]: int32, contiguous (hogwild_vllm.ops.segments.SegmentTable)
+//   cos_sin_table: [rows, rotary_dim] fp32 (unit cos | sin of delta d's angles); lse: [T, Hq] fp32 (written)
+void hogwild_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::Tensor& key_cache,
+                           const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& segments,
+                           const at::Tensor& view_offsets, const at::Tensor& query_view, const at::Tensor& query_pos,
+                           const at::Tensor& cos_sin_table, int64_t rotary_dim, bool is_neox, double scale,
+                           const std::optional<at::Tensor>& lse);
 
 #if defined(HOGWILD_WITH_CUDA)
 void rotate_by_delta_cuda(at::Tensor& x, const at::Tensor& delta, const at::Tensor& cos_sin_table, int64_t rotary_dim,

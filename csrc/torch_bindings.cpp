@@ -1,6 +1,6 @@
 // Op schemas of the hogwild_C library (torch.ops.hogwild_C.*) and their CPU implementations.
 // CUDA implementations register themselves in csrc/cuda/*.cu; fake (meta) implementations for torch.compile are
-// registered in Python (hogwild_vllm/_ext.py). A schema marks each tensor an op mutates with `Tensor!`.
+// registered in Python (hogwild_vllm/ops/_ext.py). A schema marks each tensor an op mutates with `Tensor!`.
 #include <Python.h>
 #include <torch/library.h>
 
@@ -19,6 +19,14 @@ PyObject* PyInit__C(void) {
 TORCH_LIBRARY(hogwild_C, m) {
   // In place: rotates the first rotary_dim dims of every head of x[t] by delta[t] positions (see ops.h).
   m.def("rotate_by_delta(Tensor! x, Tensor delta, Tensor cos_sin_table, int rotary_dim, bool is_neox) -> ()");
+  // Writes out (and lse when given): position-delta attention of every query token over its view (see ops.h).
+  m.def(
+      "hogwild_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
+      "Tensor segments, Tensor view_offsets, Tensor query_view, Tensor query_pos, Tensor cos_sin_table, "
+      "int rotary_dim, bool is_neox, float scale, Tensor(b!)? lse) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(hogwild_C, CPU, m) { m.impl("rotate_by_delta", &rotate_by_delta_cpu); }
+TORCH_LIBRARY_IMPL(hogwild_C, CPU, m) {
+  m.impl("rotate_by_delta", &rotate_by_delta_cpu);
+  m.impl("hogwild_attention", &hogwild_attention_cpu);
+}

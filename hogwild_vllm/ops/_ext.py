@@ -64,3 +64,26 @@ def _register_fakes() -> None:
             lambda: "rotate_by_delta: cos_sin_table must be 2-D float32",
         )
         return None
+
+    @torch.library.register_fake(f"{OPS_NAMESPACE}::hogwild_attention")
+    def _hogwild_attention_fake(
+        out: torch.Tensor,  # [T, Hq, Dv], written
+        query: torch.Tensor,  # [T, Hq, D]
+        key_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+        value_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dv]
+        block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+        segments: torch.Tensor,  # [S, 4] int32
+        view_offsets: torch.Tensor,  # [V + 1] int32
+        query_view: torch.Tensor,  # [T] int32
+        query_pos: torch.Tensor,  # [T, 2] int32
+        cos_sin_table: torch.Tensor,  # [rows, rotary_dim] fp32
+        rotary_dim: int,
+        is_neox: bool,
+        scale: float,
+        lse: torch.Tensor | None,  # [T, Hq] fp32, written
+    ) -> None:
+        torch._check(query.dim() == 3 and key_cache.dim() == 4, lambda: "hogwild_attention: query [T, Hq, D], "
+                     "key_cache [num_blocks, block_size, Hkv, D]")
+        torch._check(out.shape == (*query.shape[:2], value_cache.shape[3]),
+                     lambda: f"hogwild_attention: out must be [T, Hq, Dv], got {tuple(out.shape)}")
+        return None
