@@ -29,11 +29,11 @@ import torch
 from attention_cases import (
     NUM_KV_HEADS,
     OUT_TOLERANCES,
+    ROPE_STYLES,
     Scenario,
     Tolerance,
     allocate_blocks,
     build_scenario,
-    make_rope,
     oracle,
     token_slots,
 )
@@ -92,16 +92,30 @@ def rng(request: pytest.FixtureRequest) -> random.Random:
     return random.Random(seed)
 
 
+def _rope(style: str, head_size: int) -> RopeDouble:
+    is_neox_style, fraction = ROPE_STYLES[style]
+    return RopeDouble(head_size, int(head_size * fraction), is_neox_style)
+
+
 def _table_to(table: SegmentTable, device: str) -> SegmentTable:
     return SegmentTable(table.segments.to(device), table.view_offsets.to(device), table.query_view.to(device),
                         table.query_pos.to(device))
+
+
+def _strided_to(tensor: torch.Tensor, device: str) -> torch.Tensor:
+    """tensor on device with the same strides and offset (its whole storage is copied): .to() would make a view
+    with gaps, such as vLLM's CPU page layout or a sliced query, contiguous."""
+    if tensor.device.type == device:
+        return tensor
+    storage = tensor.new_empty(0).set_(tensor.untyped_storage()).to(device)  # [storage elements]
+    return storage.as_strided(tensor.shape, tensor.stride(), tensor.storage_offset())
 
 
 def _attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
             table: SegmentTable, rope: RopeDouble, scale: float, device: str, with_lse: bool = True,
             **options: int | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The kernel on ``device`` (inputs moved there, strides kept) -> (out [T, Hq, Dv], lse [T, Hq] or None), on CPU."""
-    moved = [t.to(device) for t in (query, key_cache, value_cache, block_tables)]
+    moved = [_strided_to(t, device) for t in (query, key_cache, value_cache, block_tables)]
     out = query.new_empty(*query.shape[:2], value_cache.shape[3], device=device)  # [T, Hq, Dv]
     lse = torch.empty(query.shape[:2], device=device) if with_lse else None  # [T, Hq]
     hogwild_attention_triton(*moved, _table_to(table, device), rope.to(device), scale, out, lse, **options)
@@ -137,8 +151,7 @@ def _main_scenario(case: tuple) -> tuple[Scenario, RopeDouble]:
     head_size, gqa_ratio, block_size, num_workers, style, dtype, _ = case
     seed = zlib.crc32(_case_id(case).encode())
     torch.manual_seed(seed)
-    rope = make_rope("double", style, head_size)
-    assert isinstance(rope, RopeDouble)
+    rope = _rope(style, head_size)
     return build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, random.Random(seed)), rope
 
 
@@ -194,8 +207,7 @@ def test_keys_are_visible_exactly_up_to_the_query_view_position(block_size: int,
     """Segments A (view 0..9), B (10..39, starts mid-block) and C (45..54), Dv = 32 != D: each query matches the
     oracle given only the keys at view positions <= p_q, and overwriting the invisible keys changes nothing."""
     head_size, value_size, num_heads, scale = 64, 32, NUM_KV_HEADS * 5, 0.125
-    rope = make_rope("double", "gptj", head_size)
-    assert isinstance(rope, RopeDouble)
+    rope = _rope("gptj", head_size)
     key_cache, value_cache, block_tables = _paged_cache([70, 140], block_size, head_size, value_size, rng)
     p_q = torch.tensor([9, 10, 25, 39, 44, 45, 54])  # [Tq]
     n_q = torch.randint(0, 140, p_q.shape)  # [Tq]
@@ -226,8 +238,7 @@ def test_query_without_visible_key_gets_zeros(device: str, rng: random.Random) -
     """View 0 holds tokens 5..12 of sequence 0 at view 10..17; view 1 has no segment, view 2 only empty ones. A query
     at view position 10 sees one key: its output is that key's value, its lse the score of the rotated query."""
     head_size, value_size, gqa_ratio, scale = 64, 32, 5, 0.125
-    rope = make_rope("double", "gptj-partial", head_size)
-    assert isinstance(rope, RopeDouble)
+    rope = _rope("gptj-partial", head_size)
     key_cache, value_cache, block_tables = _paged_cache([40], 16, head_size, value_size, rng)
     queries = [[(30, 0), (30, 9), (30, 10)], [(7, 7)], [(12, 50)]]
     table = _table([[(0, 5, 8, 10)], [], [(0, 3, 0, 0), (0, 20, 0, 4)]], queries)
@@ -266,8 +277,7 @@ def _cpu_page_layout(cache_shape: torch.Size, key_cache: torch.Tensor,
 def test_cpu_page_layout_and_transposed_query(dtype: torch.dtype, device: str, rng: random.Random) -> None:
     """The same batch read from vLLM's CPU page layout (dim-major K) with a head-major query gives the same result
     as from contiguous caches."""
-    rope = make_rope("double", "neox", 64)
-    assert isinstance(rope, RopeDouble)
+    rope = _rope("neox", 64)
     sc = build_scenario(3, 16, NUM_KV_HEADS * 4, dtype, rope, rng)
     out, lse = _run(sc, rope, 0.125, device, num_splits=2)
     _assert_matches_oracle(out, lse, sc, rope, 0.125)
@@ -282,8 +292,7 @@ def test_cpu_page_layout_and_transposed_query(dtype: torch.dtype, device: str, r
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("splits", [1, 3])
 def test_lse_is_optional(splits: int, device: str, rng: random.Random) -> None:
-    rope = make_rope("double", "gptj", 64)
-    assert isinstance(rope, RopeDouble)
+    rope = _rope("gptj", 64)
     sc = build_scenario(2, 32, NUM_KV_HEADS * 3, torch.bfloat16, rope, rng)
     out, lse = _run(sc, rope, 0.125, device, num_splits=splits)
     alone, none = _attend(sc.query, sc.key_cache, sc.value_cache, sc.block_tables, sc.table, rope, 0.125, device,
@@ -297,8 +306,7 @@ def test_lse_is_optional(splits: int, device: str, rng: random.Random) -> None:
 def test_splits_and_tile_sizes(splits: int, block_n: int, device: str) -> None:
     """One batch (block size 32) under every split count and tile size: tiles shorter than, equal to and spanning
     several blocks, splits that end mid-segment or get no key."""
-    rope = make_rope("double", "neox-partial", 64)
-    assert isinstance(rope, RopeDouble)
+    rope = _rope("neox-partial", 64)
     torch.manual_seed(7)
     sc = build_scenario(4, 32, NUM_KV_HEADS * 4, torch.float32, rope, random.Random(7))
     out, lse = _run(sc, rope, 0.125, device, num_splits=splits, block_n=block_n)
@@ -316,11 +324,10 @@ def test_fp16_with_padded_head_size(device: str, rng: random.Random) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_inputs_are_not_modified_and_the_dispatcher_runs_it(device: str, rng: random.Random) -> None:
-    rope = make_rope("double", "neox", 64)
-    assert isinstance(rope, RopeDouble)
+    rope = _rope("neox", 64)
     sc = build_scenario(3, 16, NUM_KV_HEADS * 4, torch.bfloat16, rope, rng)
     table = _table_to(sc.table, device)
-    inputs = [t.to(device) for t in (sc.query, sc.key_cache, sc.value_cache, sc.block_tables)]
+    inputs = [_strided_to(t, device) for t in (sc.query, sc.key_cache, sc.value_cache, sc.block_tables)]
     fields = [table.segments, table.view_offsets, table.query_view, table.query_pos]
     moved_rope = rope.to(device)
     before = [t.clone() for t in [*inputs, *fields, moved_rope.cos_sin_table]]

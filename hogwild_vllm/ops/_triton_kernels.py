@@ -84,10 +84,6 @@ def hogwild_split_kernel(
     pair_sign = tl.where(first, -1.0, 1.0)  # [D]
 
     q_rows = query_ptr + token * stride_qt + heads[:, None] * stride_qh  # [G, 1]
-    q = tl.load(q_rows + d[None, :] * stride_qd, mask=head_ok[:, None] & d_ok[None, :], other=0.0)
-    q = q.to(tl.float32)  # [G, D]
-    q_pair = tl.load(q_rows + partner[None, :] * stride_qd, mask=head_ok[:, None] & rot[None, :], other=0.0)
-    q_pair = q_pair.to(tl.float32)  # [G, D]
 
     view = tl.load(query_view_ptr + token)
     n_q = tl.load(query_pos_ptr + 2 * token)
@@ -131,7 +127,10 @@ def hogwild_split_kernel(
             cos = tl.load(cos_sin_ptr + row * ROT + freq, mask=rot, other=1.0)  # [D]
             sin = tl.load(cos_sin_ptr + row * ROT + half + freq, mask=rot, other=0.0)  # [D]
             sin = sin * pair_sign * tl.where(delta < 0, -1.0, 1.0)
-            q_seg = (q * cos[None, :] + q_pair * sin[None, :]) * scale_log2  # [G, D] fp32
+            # The query is (re)loaded per segment, a cache hit, rather than held in registers across the key loop.
+            q = tl.load(q_rows + d[None, :] * stride_qd, mask=head_ok[:, None] & d_ok[None, :], other=0.0)
+            q_pair = tl.load(q_rows + partner[None, :] * stride_qd, mask=head_ok[:, None] & rot[None, :], other=0.0)
+            q_seg = (q.to(tl.float32) * cos[None, :] + q_pair.to(tl.float32) * sin[None, :]) * scale_log2  # [G, D]
             if SPLIT_DOT:
                 q_hi = q_seg.to(kv_dtype)
                 q_lo = (q_seg - q_hi.to(tl.float32)).to(kv_dtype)

@@ -109,7 +109,7 @@ def _check_args(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch
 def hogwild_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                              block_tables: torch.Tensor, table: SegmentTable, rope: DeltaRotation, scale: float,
                              out: torch.Tensor, lse: torch.Tensor | None = None, *, num_splits: int | None = None,
-                             block_n: int | None = None) -> None:
+                             block_n: int | None = None, num_warps: int = 4, num_stages: int = 2) -> None:
     """Attention of every query token over its view; writes ``out`` (and ``lse``) in place, reads everything else.
 
     query: [T, Hq, D] rotated at natural positions, any strides; key_cache: [num_blocks, block_size, Hkv, D] and
@@ -117,7 +117,8 @@ def hogwild_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value
     such a view), fp32 / fp16 / bf16; block_tables: [num_seqs, max_blocks] int32; ``rope.cos_sin_table``
     [rows, rotary_dim] fp32 on the query's device. out: [T, Hq, Dv] in the query dtype, written; lse: [T, Hq] fp32,
     natural log, written when given. Query head h reads KV head h // (Hq // Hkv); a query with no visible key gets
-    zeros and lse = -inf. ``num_splits`` / ``block_n`` override the shape-based defaults (tests, tuning).
+    zeros and lse = -inf. ``num_splits`` / ``block_n`` override the shape-based defaults; ``num_warps`` /
+    ``num_stages`` are the split kernel's launch options (tests, tuning).
     """
     _check_args(query, key_cache, value_cache, block_tables, table, rope, out, lse)
     num_tokens, num_heads, head_size = query.shape
@@ -144,7 +145,7 @@ def hogwild_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value
         part_out = part_lse = cos_sin  # never touched
     lse_arg = lse if lse is not None else cos_sin  # never touched without HAS_LSE
     lse_strides = lse.stride() if lse is not None else (0, 0)
-    launch = {"num_warps": 4, "num_stages": 2}
+    launch = {"num_warps": num_warps, "num_stages": num_stages}
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         split_kernel[(num_tokens, num_kv_heads, splits)](
             query, key_cache, value_cache, block_tables, segments, view_offsets, query_view, query_pos, cos_sin,
