@@ -302,3 +302,44 @@ def register_runner_hook() -> None:
     GPUModelRunner._update_states = _update_states
     GPUModelRunner.execute_model = _execute_model
     _RUNNER_PATCHED.append(True)
+
+
+# --- vLLM's CPU attention, reused for plain rows (attention/backend.py) ----------------------------------------
+
+# vLLM's CPU page packings our position-delta op can read: keys dim-major inside a page ([D, block_size]),
+# values row-major ([block_size, D]). "amx" (bf16 on AMX CPUs) packs keys for tile loads: engines with the plugin on
+# use "vec" there instead, which every x86 build of vLLM has.
+READABLE_CPU_ISAS = ("vec", "vec16")
+
+
+class CpuAttention:
+    """Touch points on ``vllm.v1.attention.backends.cpu_attn`` (vLLM 0.32): its backend, builder and impl classes
+    and the ISA the builder picks (the page packing is read by ``ops.layouts.cpu_page_views``)."""
+
+    def __init__(self) -> None:
+        from vllm.v1.attention.backends import cpu_attn
+
+        self.module = cpu_attn
+        self.backend = cpu_attn.CPUAttentionBackend
+
+    def make_builder(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> Any:
+        """vLLM's CPU metadata builder for these layers; sets ``layer.isa`` on them to a packing we can read."""
+        builder = self.module.CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
+        if builder.isa == "amx":
+            builder.isa = "vec"
+            builder._set_isa_to_layers(layer_names)
+            _log_once("isa", "hogwild: CPU attention uses the 'vec' cache packing instead of 'amx' (groups read it)")
+        if builder.isa not in READABLE_CPU_ISAS:
+            raise NotImplementedError(
+                f"hogwild: vLLM's CPU attention picked the {builder.isa!r} cache packing on this machine; the "
+                f"plugin reads only {READABLE_CPU_ISAS} (x86-64 CPUs)")
+        return builder
+
+    def make_impl(self, num_heads: int, head_size: int, scale: float, num_kv_heads: int) -> Any:
+        return self.module.CPUAttentionBackendImpl(num_heads, head_size, scale, num_kv_heads, alibi_slopes=None,
+                                                   sliding_window=None, kv_cache_dtype="auto")
+
+
+@functools.cache
+def cpu_attention() -> CpuAttention:
+    return CpuAttention()

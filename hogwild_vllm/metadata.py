@@ -363,3 +363,49 @@ def build_table(meta: HogwildStepMeta | None, batch_req_ids: Sequence[str],
             raise StaleStepError(f"{rid!r} has {len(blocks)} blocks, the block table holds {width} per row")
         added[i, : len(blocks)] = torch.tensor(blocks, dtype=block_table.dtype)
     return table, torch.cat([block_table[:num_reqs], added.to(block_table.device)])
+
+
+# ---- which tokens take the plain kernel -------------------------------------------------------------------------
+
+
+class PlainRun(NamedTuple):
+    """A run of batch tokens that is ordinary causal attention over its own row: tokens ``token_start ..
+    token_start + length - 1`` of the batch are the row's positions ``seq_len - length .. seq_len - 1`` and see
+    positions ``0 ..`` themselves (what a plain paged kernel computes for a row of ``length`` queries and
+    ``seq_len`` keys)."""
+
+    row: int
+    token_start: int
+    length: int
+    seq_len: int
+
+
+def plain_runs(meta: HogwildStepMeta | None, batch_req_ids: Sequence[str], query_start_loc: Sequence[int],
+               seq_lens: Sequence[int]) -> list[PlainRun]:
+    """The plain runs of a step, in batch order: every row outside a group whole, and the leading queries of a
+    group row whose first view is its own tokens from position 0 at view positions equal to their own (the
+    prompt request's chunk of the common prompt C). Everything else needs the position-delta op.
+
+    query_start_loc: [num_reqs + 1]; seq_lens: [num_reqs] (tokens of each row after this step).
+    """
+    rows = meta.rows if meta is not None else {}
+    runs: list[PlainRun] = []
+    for r, rid in enumerate(batch_req_ids):
+        q_start, q_len, seq_len = int(query_start_loc[r]), int(query_start_loc[r + 1] - query_start_loc[r]), \
+            int(seq_lens[r])
+        if q_len == 0:
+            continue
+        plan = rows.get(rid)
+        if plan is None:
+            runs.append(PlainRun(r, q_start, q_len, seq_len))
+            continue
+        first = plan.views[0]
+        own = first.segments[0] if len(first.segments) == 1 else None
+        if own is None or own.source_id != rid or own.start != 0 or own.view_start != 0:
+            continue
+        if any(run.natural != run.view for run in first.queries):
+            continue
+        length = sum(run.length for run in first.queries)
+        end = first.queries[-1].natural + first.queries[-1].length  # its queries are consecutive (RowPlan)
+        runs.append(PlainRun(r, q_start, length, end))
+    return runs

@@ -61,6 +61,7 @@ PADDING_SLOT = -1
 
 
 class TestRope:
+    __test__ = False  # a test double, not a test class
     """Test double of hogwild_vllm.rope.DeltaRope: plain RoPE (base 10000) computed from scratch in fp64."""
 
     def __init__(self, head_size: int, rotary_dim: int, is_neox_style: bool) -> None:

@@ -1,19 +1,28 @@
-"""The HOGWILD attention backend for vLLM: writes K/V itself and attends through position-delta segments.
+"""The HOGWILD attention backend for vLLM: plain rows on vLLM's own kernel, group rows on the position-delta op.
 
-Per-layer cache: vLLM's logical layout [num_blocks, kv_heads, block_size, 2 * head_size] (LBHNC), keys in the first
-``head_size`` channels, values in the rest; this backend is the only reader and writer, so nothing depends on a CPU
-ISA packing. Every batch row (request) gets one view; a request outside any hogwild group has a single segment
-(its own tokens at their own positions, delta 0), which is exactly ordinary causal attention. Rows of group
-workers get the views the scheduler planned (``SchedulerOutput.hogwild``, published by the runner hook in
-``compat.py``): segments of peers' rows and of the shared prompt, each with its position delta.
+CPU (the tested path). The per-layer cache is exactly vLLM's CPU one, ``[num_blocks, Hkv, block_size, 2 * D]``
+(LBHNC) with vLLM's page packing (keys dim-major inside a page, values row-major; ISA ``vec`` / ``vec16``), and
+vLLM's CPU impl writes every token's K/V. Each step the builder splits the batch into
+
+* **plain runs** (``metadata.plain_runs``): rows outside any group, and the prompt request's chunk of the common
+  prompt C: they go to vLLM's CPU kernel with vLLM's own metadata, so plain requests are computed exactly as with
+  the plugin off (bitwise, when no group shares the batch);
+* **group tokens**: the rest (workers, glue), attended by :func:`hogwild_vllm.ops.hogwild_attention` (the compiled
+  CPU op) over the views the scheduler planned (``SchedulerOutput.hogwild``, published by the runner hook in
+  ``compat.py``), reading the same cache through strided views.
+
+CUDA (compiled and kernel-tested, not run inside vLLM here): the cache is the LBHNC layout with K/V written by
+this backend, and every row, plain or not, goes through the Triton kernel. The metadata is built once per step in
+``build``, on the device; ``forward`` does no host sync on CUDA. CUDA graphs: not declared (eager attention).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, ClassVar
 
 import torch
+from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
     AttentionImpl,
@@ -25,10 +34,13 @@ from vllm.v1.attention.backend import (
 )
 from vllm.v1.kv_cache_interface import KVCacheLayout
 
-from hogwild_vllm.compat import BACKEND_NAME, current_step, register_runner_hook
-from hogwild_vllm.metadata import build_table, plain_segment_table
-from hogwild_vllm.ops.reference import SegmentTable, hogwild_attention_reference, write_kv_reference
+from hogwild_vllm.compat import BACKEND_NAME, cpu_attention, current_step, register_runner_hook
+from hogwild_vllm.metadata import PlainRun, build_table, plain_runs, plain_segment_table
+from hogwild_vllm.ops import SegmentTable, hogwild_attention, write_kv_reference
+from hogwild_vllm.ops.layouts import cpu_page_views, flash_page_views
 from hogwild_vllm.rope import DeltaRope, delta_rope_for_model
+
+ON_CPU = current_platform.is_cpu()
 
 
 class HogwildAttentionBackend(AttentionBackend):
@@ -38,6 +50,8 @@ class HogwildAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:
+        if ON_CPU:  # vLLM's CPU kernel reads whole runs of 32 page tokens
+            return list(cpu_attention().backend.get_supported_kernel_block_sizes(kv_cache_spec))
         return [MultipleOf(16)]
 
     @staticmethod
@@ -54,7 +68,7 @@ class HogwildAttentionBackend(AttentionBackend):
 
     @classmethod
     def get_supported_head_sizes(cls) -> list[int]:
-        return []  # any head size
+        return list(cpu_attention().backend.get_supported_head_sizes()) if ON_CPU else []  # GPU: any
 
     @classmethod
     def supported_kv_cache_layouts(cls) -> tuple[KVCacheLayout, ...]:
@@ -67,29 +81,93 @@ class HogwildAttentionBackend(AttentionBackend):
 
 @dataclass
 class HogwildMetadata:
+    """One step's attention metadata, built once and shared by every layer.
+
+    plain:        vLLM's CPU metadata of the plain runs (None: there are none, or not on CPU).
+    plain_index:  [Tp] int64 batch tokens of the plain runs, in run order; None when they are the whole batch.
+    table:        the position-delta views of the group tokens (None: there are none).
+    group_index:  [Tg] int64 batch tokens that ``table``'s queries are; None when they are the whole batch.
+    block_table:  [rows, max_blocks] int32 that ``table`` indexes (the batch's, plus rows for unscheduled sources).
+    """
+
     num_actual_tokens: int
-    table: SegmentTable
-    block_table: torch.Tensor  # [num_reqs, max_blocks] int32
     slot_mapping: torch.Tensor  # [num_tokens] int64
+    plain: Any = None
+    plain_index: torch.Tensor | None = None
+    table: SegmentTable | None = None
+    group_index: torch.Tensor | None = None
+    block_table: torch.Tensor | None = None
+
+
+def _token_index(runs: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """[sum of lengths] int64: the batch tokens of (start, length) runs, in order."""
+    return torch.cat([torch.arange(s, s + n) for s, n in runs]).to(device)
 
 
 class HogwildMetadataBuilder(AttentionMetadataBuilder[HogwildMetadata]):
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         register_runner_hook()  # this is the worker process: make the runner publish group steps
+        self._cpu = cpu_attention().make_builder(kv_cache_spec, layer_names, vllm_config, device) if ON_CPU else None
 
     def build(self, common_prefix_len: int, common_attn_metadata: CommonAttentionMetadata,
               fast_build: bool = False) -> HogwildMetadata:
         m = common_attn_metadata
         step = current_step()
-        if step is None or not step.meta.rows:  # no group row in this batch: one plain segment per request
-            table = plain_segment_table(m.query_start_loc_cpu, m.seq_lens.cpu(), m.num_actual_tokens)
-            table = SegmentTable(*(t.to(self.device, non_blocking=True) for t in
-                                  (table.segments, table.view_offsets, table.query_view, table.query_pos)))
-            return HogwildMetadata(m.num_actual_tokens, table, m.block_table_tensor, m.slot_mapping)
-        table, block_table = build_table(step.meta, step.req_ids[: m.num_reqs], m.query_start_loc_cpu,
-                                         m.seq_lens.cpu(), m.block_table_tensor, device=self.device)
-        return HogwildMetadata(m.num_actual_tokens, table, block_table, m.slot_mapping)
+        meta = step.meta if step is not None and step.meta.rows else None
+        req_ids = step.req_ids[: m.num_reqs] if step is not None else []
+        if self._cpu is None:  # CUDA: every row through the position-delta op
+            return self._build_all_delta(m, meta, req_ids)
+        if meta is None:  # no group row: the batch is vLLM's own
+            return HogwildMetadata(m.num_actual_tokens, m.slot_mapping, plain=self._cpu.build(common_prefix_len, m))
+        qsl = m.query_start_loc_cpu[: m.num_reqs + 1].tolist()
+        lens = m.seq_lens.cpu()[: m.num_reqs].tolist()
+        runs = plain_runs(meta, req_ids, qsl, lens)
+        table, block_table = build_table(meta, req_ids, qsl, lens, m.block_table_tensor, device=self.device)
+        group_runs = _complement([(r.token_start, r.length) for r in runs], m.num_actual_tokens)
+        out = HogwildMetadata(m.num_actual_tokens, m.slot_mapping, block_table=block_table)
+        if group_runs:
+            out.group_index = _token_index(group_runs, self.device)
+            out.table = replace(table, query_view=table.query_view[out.group_index],
+                                query_pos=table.query_pos[out.group_index])
+        if runs:
+            out.plain = self._cpu.build(0, _subset(m, runs))
+            out.plain_index = _token_index([(r.token_start, r.length) for r in runs], self.device)
+        return out
+
+    def _build_all_delta(self, m: CommonAttentionMetadata, meta: Any, req_ids: list[str]) -> HogwildMetadata:
+        if meta is None:
+            table = plain_segment_table(m.query_start_loc_cpu, m.seq_lens.cpu(), m.num_actual_tokens).to(self.device)
+            return HogwildMetadata(m.num_actual_tokens, m.slot_mapping, table=table, block_table=m.block_table_tensor)
+        table, block_table = build_table(meta, req_ids, m.query_start_loc_cpu, m.seq_lens.cpu(),
+                                         m.block_table_tensor, device=self.device)
+        return HogwildMetadata(m.num_actual_tokens, m.slot_mapping, table=table, block_table=block_table)
+
+
+def _complement(runs: list[tuple[int, int]], total: int) -> list[tuple[int, int]]:
+    """The (start, length) runs of 0 .. total - 1 not covered by the sorted, disjoint ``runs``."""
+    gaps, at = [], 0
+    for start, length in runs:
+        if start > at:
+            gaps.append((at, start - at))
+        at = start + length
+    if total > at:
+        gaps.append((at, total - at))
+    return gaps
+
+
+def _subset(m: CommonAttentionMetadata, runs: list[PlainRun]) -> CommonAttentionMetadata:
+    """vLLM's metadata for a batch of just the plain runs (one row each, in order)."""
+    q_lens = torch.tensor([r.length for r in runs], dtype=torch.int32)  # [Rp]
+    qsl = torch.zeros(len(runs) + 1, dtype=torch.int32)  # [Rp + 1]
+    qsl[1:] = torch.cumsum(q_lens, 0)
+    seq_lens = torch.tensor([r.seq_len for r in runs], dtype=torch.int32)  # [Rp]
+    rows = torch.tensor([r.row for r in runs], dtype=torch.long)  # [Rp]
+    device = m.query_start_loc.device
+    return replace(m, query_start_loc=qsl.to(device), query_start_loc_cpu=qsl, seq_lens=seq_lens.to(device),
+                   num_reqs=len(runs), num_actual_tokens=int(qsl[-1]), max_query_len=int(q_lens.max()),
+                   max_seq_len=int(seq_lens.max()), block_table_tensor=m.block_table_tensor[rows.to(device)],
+                   slot_mapping=m.slot_mapping[:0], seq_lens_cpu_upper_bound=None)
 
 
 class HogwildAttentionImpl(AttentionImpl[HogwildMetadata]):
@@ -111,16 +189,22 @@ class HogwildAttentionImpl(AttentionImpl[HogwildMetadata]):
         from vllm.config import get_current_vllm_config
 
         model_config = get_current_vllm_config().model_config  # set while the model is built
-        self.rope: DeltaRope = delta_rope_for_model(model_config.hf_text_config, model_config.model)
+        device = "cpu" if ON_CPU else torch.device("cuda", torch.cuda.current_device())  # the op reads it there
+        self.rope: DeltaRope = delta_rope_for_model(model_config.hf_text_config, model_config.model, device)
+        self._cpu = cpu_attention().make_impl(num_heads, head_size, scale, self.num_kv_heads) if ON_CPU else None
 
-    def _split(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # kv_cache: [num_blocks, Hkv, block_size, 2 * D] -> key, value views [num_blocks, block_size, Hkv, D]
-        paged = kv_cache.permute(0, 2, 1, 3)
-        return paged[..., : self.head_size], paged[..., self.head_size:]
+    def _paged(self, kv_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Strided [num_blocks, block_size, Hkv, D] key and value views of one layer's cache, whatever its packing."""
+        if self._cpu is not None:
+            return cpu_page_views(kv_cache)
+        return flash_page_views(kv_cache, self.head_size)
 
     def do_kv_cache_update(self, layer: torch.nn.Module, key: torch.Tensor, value: torch.Tensor,
                            kv_cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-        key_cache, value_cache = self._split(kv_cache)
+        if self._cpu is not None:
+            self._cpu.do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+            return
+        key_cache, value_cache = self._paged(kv_cache)
         n = slot_mapping.shape[0]
         write_kv_reference(key[:n], value[:n], key_cache, value_cache, slot_mapping.long())
 
@@ -132,10 +216,28 @@ class HogwildAttentionImpl(AttentionImpl[HogwildMetadata]):
             return output
         if output_scale is not None or output_block_scale is not None:
             raise NotImplementedError(f"{BACKEND_NAME} does not fuse output quantization")
-        n = attn_metadata.num_actual_tokens
-        key_cache, value_cache = self._split(kv_cache)
-        out = hogwild_attention_reference(query[:n], key_cache, value_cache, attn_metadata.block_table,
-                                          attn_metadata.table, self.rope, self.scale)
-        assert isinstance(out, torch.Tensor)
-        output[:n].view(n, self.num_heads, -1).copy_(out)  # [n, Hq, D]
+        md = attn_metadata
+        n = md.num_actual_tokens
+        out = output[:n].view(n, self.num_heads, -1)  # [n, Hq, Dv]
+        if md.plain is not None:
+            assert self._cpu is not None
+            if md.plain_index is None:  # the whole batch is plain: vLLM's own call
+                self._cpu.forward(layer, query, key, value, kv_cache, md.plain, output)
+            else:
+                q = query[:n].index_select(0, md.plain_index)  # [Tp, Hq, D]
+                part = output.new_empty((q.shape[0], *output.shape[1:]))  # [Tp, ...] like output
+                self._cpu.forward(layer, q, key, value, kv_cache, md.plain, part)
+                out.index_copy_(0, md.plain_index, part.view(q.shape[0], self.num_heads, -1))
+        if md.table is not None:
+            assert md.block_table is not None
+            key_cache, value_cache = self._paged(kv_cache)
+            if md.group_index is None:
+                hogwild_attention(query[:n], key_cache, value_cache, md.block_table, md.table, self.rope,
+                                  self.scale, out=out)
+            else:
+                q = query[:n].index_select(0, md.group_index)  # [Tg, Hq, D]
+                part_out = hogwild_attention(q, key_cache, value_cache, md.block_table, md.table, self.rope,
+                                             self.scale)
+                assert isinstance(part_out, torch.Tensor)
+                out.index_copy_(0, md.group_index, part_out)
         return output

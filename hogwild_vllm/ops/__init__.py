@@ -90,14 +90,13 @@ def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
     if impl == "reference":
         result = hogwild_attention_reference(query, key_cache, value_cache, block_tables, table, rope, scale, True)
         assert isinstance(result, tuple)
-        ref_out, lse = result
         if out is not None:
-            out.copy_(ref_out)
-            ref_out = out
-        return (ref_out, lse) if return_lse else ref_out
+            out.copy_(result[0])
+            result = (out, result[1])
+        return result if return_lse else result[0]
     if out is None:
         out = query.new_empty(query.shape[0], query.shape[1], value_cache.shape[3])
-    lse = query.new_empty(query.shape[:2], dtype=torch.float32) if return_lse else None
+    lse: torch.Tensor | None = query.new_empty(query.shape[:2], dtype=torch.float32) if return_lse else None
     if impl == "ext":
         from hogwild_vllm.ops._ext import load_ops
 

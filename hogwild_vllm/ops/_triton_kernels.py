@@ -19,6 +19,10 @@ Precision: fp32 accumulation. 16-bit caches: the rotated query (and the probabil
 low 16-bit part, two tensor-core dots each, so scores keep ~16 mantissa bits instead of 8. fp32 caches: ieee dots.
 UPCAST_DOT casts the 16-bit dot operands to fp32 first (exact): the triton 3.9 interpreter's tl.dot multiplies
 bf16 operands as their raw uint16 bit patterns, so the interpreted kernels set it.
+
+No ``triton.language`` helper that is itself a ``@triton.jit`` function (tl.max, tl.sum, tl.zeros, tl.cdiv, ...):
+triton decorates those when it is imported, as interpreted functions only if TRITON_INTERPRET=1 was set by then,
+and a compiled one cannot run inside the interpreter. Reductions are ``tl.reduce`` with the combine functions below.
 """
 
 import functools
@@ -27,6 +31,20 @@ from typing import Any
 import triton  # type: ignore[import-untyped]
 import triton.language as tl  # type: ignore[import-untyped]
 from triton.runtime.interpreter import InterpretedFunction  # type: ignore[import-untyped]
+
+
+def _maximum(a: tl.tensor, b: tl.tensor) -> tl.tensor:
+    return tl.maximum(a, b)
+
+
+def _add(a: tl.tensor, b: tl.tensor) -> tl.tensor:
+    return a + b
+
+
+# Combine functions for tl.reduce (the kernels call no tl.max / tl.sum: see the module docstring). Triton's own, when
+# it has them, are what tl.max / tl.sum use and what the interpreter reduces with numpy; ours otherwise.
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", None) or triton.jit(_maximum)
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", None) or triton.jit(_add)
 
 
 def hogwild_split_kernel(
@@ -157,10 +175,10 @@ def hogwild_split_kernel(
                     score = tl.dot(q_seg, k.to(tl.float32), input_precision="ieee")  # [G, N]
                 score = tl.where(key_ok[None, :], score, float("-inf"))
                 # finite: every tile holds a visible key
-                m_new = tl.maximum(m_i, tl.reduce(score, 1, tl.standard._elementwise_max))
+                m_new = tl.maximum(m_i, tl.reduce(score, 1, _MAX_COMBINE))
                 alpha = tl.exp2(m_i - m_new)  # [G]
                 p = tl.exp2(score - m_new[:, None])  # [G, N]
-                l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+                l_i = l_i * alpha + tl.reduce(p, 1, _SUM_COMBINE)
                 v_tok = block * stride_vb + offset * stride_vo + kv_head * stride_vh  # [N]
                 v = tl.load(value_ptr + v_tok[:, None] + dv[None, :] * stride_vd,
                             mask=key_ok[:, None] & dv_ok[None, :], other=0.0)  # [N, Dv]
@@ -213,14 +231,14 @@ def hogwild_merge_kernel(
     dv_ok = dv < VHEAD
     part = (token * NUM_HEADS + head) * NUM_SPLITS + sp  # [P]
     lse2 = tl.load(part_lse_ptr + part, mask=sp_ok, other=float("-inf"))  # [P]
-    top = tl.reduce(lse2, 0, tl.standard._elementwise_max)
+    top = tl.reduce(lse2, 0, _MAX_COMBINE)
     top = tl.where(top == float("-inf"), 0.0, top)
     weight = tl.exp2(lse2 - top)  # [P], 0 for empty splits
-    total = tl.reduce(weight, 0, tl.standard._sum_combine)
+    total = tl.reduce(weight, 0, _SUM_COMBINE)
     partial = tl.load(part_out_ptr + part[:, None] * VHEAD_PAD + dv[None, :],
                       mask=sp_ok[:, None] & dv_ok[None, :], other=0.0)  # [P, Dv]
     total_safe = tl.where(total > 0.0, total, 1.0)
-    result = tl.reduce(partial * weight[:, None], 0, tl.standard._sum_combine) / total_safe  # [Dv]
+    result = tl.reduce(partial * weight[:, None], 0, _SUM_COMBINE) / total_safe  # [Dv]
     o = out_ptr + token * stride_ot + head * stride_oh + dv * stride_od
     tl.store(o, result.to(out_ptr.dtype.element_ty), mask=dv_ok)
     if HAS_LSE:

@@ -46,6 +46,11 @@ class SegmentTable:
         _check(self.query_view.dim() == 1, "query_view must be [T]")
         _check(self.query_pos.shape == (self.query_view.shape[0], 2), "query_pos must be [T, 2]")
 
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SegmentTable:
+        """The same table on ``device``."""
+        return SegmentTable(*(t.to(device, non_blocking=non_blocking) for t in
+                              (self.segments, self.view_offsets, self.query_view, self.query_pos)))
+
     @property
     def num_views(self) -> int:
         return self.view_offsets.numel() - 1

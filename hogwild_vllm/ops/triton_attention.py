@@ -72,9 +72,10 @@ def default_num_splits(num_tokens: int, num_kv_heads: int, device: torch.device)
     return max(1, min(MAX_SPLITS, math.ceil(2 * _multiprocessors(device) / programs)))
 
 
-def default_block_n(head_size: int, device: torch.device) -> int:
-    """Keys per tile: 64 on GPU (32 for head sizes above 128, to bound registers), 64 under the interpreter."""
-    if device.type == "cuda" and head_size > 128:
+def default_block_n(head_size: int, dtype: torch.dtype, device: torch.device) -> int:
+    """Keys per tile: 64, or 32 on GPU for fp32 caches and head sizes above 128 (registers: with 64, fp32 K/V tiles
+    of head size 128 spill under triton 3.6 on sm_90)."""
+    if device.type == "cuda" and (head_size > 128 or dtype == torch.float32):
         return 32
     return 64
 
@@ -130,7 +131,7 @@ def hogwild_attention_triton(query: torch.Tensor, key_cache: torch.Tensor, value
     device = query.device
     split_kernel, merge_kernel = kernels(device.type == "cpu")
     splits = num_splits or default_num_splits(num_tokens, num_kv_heads, device)
-    tile = block_n or default_block_n(head_size, device)
+    tile = block_n or default_block_n(head_size, key_cache.dtype, device)
     _check(splits >= 1 and tile >= MIN_DOT and tile & (tile - 1) == 0, "num_splits >= 1, block_n a power of 2 >= 16")
     group = num_heads // num_kv_heads
     value_pad = _pow2(value_size, MIN_DOT)

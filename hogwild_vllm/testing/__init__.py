@@ -6,7 +6,7 @@ Names are re-exported lazily so that importing this package stays cheap and
 
 from typing import Any
 
-__all__ = ["MODEL_KINDS", "SPECS", "TinyModelSpec", "build_tiny_model", "tiny_model_path"]
+__all__ = ["BENCH_KINDS", "MODEL_KINDS", "SPECS", "TinyModelSpec", "build_tiny_model", "tiny_model_path"]
 
 
 def __getattr__(name: str) -> Any:

@@ -6,7 +6,10 @@ a ChatML chat template, and a small randomly initialised transformer that is the
 briefly trained on the same corpus so that it writes paragraph-like text.
 
 Kinds: ``qwen2`` (default neox RoPE, GQA), ``llama3`` (``rope_type: llama3`` scaling,
-GQA) and ``gptj`` (gptj-style interleaved RoPE on a partial ``rotary_dim``).
+GQA) and ``gptj`` (gptj-style interleaved RoPE on a partial ``rotary_dim``). Benchmark
+kinds (``BENCH_KINDS``, not in ``MODEL_KINDS``, so the model tests skip them): ``smollm2``,
+SmolLM2-135M's shapes (llama, 30 layers, hidden 576, 9 / 3 heads) with untrained random
+weights and the same tokenizer.
 
 Builds are deterministic and cached under ``$HOGWILD_MODEL_CACHE`` (default
 ``~/.cache/hogwild_vllm/models``) in a folder named by a hash of the spec; a build
@@ -33,6 +36,7 @@ from typing import Any
 
 BUILDER_VERSION = 1
 MODEL_KINDS = ("qwen2", "llama3", "gptj", "glm4")
+BENCH_KINDS = ("smollm2",)
 EOT, IM_START, IM_END, THINK_OPEN, THINK_CLOSE = (
     "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>")
 BUILD_THREADS = 1  # fixed so float reductions (hence weights) never vary; 2+ threads
@@ -99,6 +103,11 @@ SPECS: dict[str, TinyModelSpec] = {
     "glm4": TinyModelSpec(
         kind="glm4", architecture="Glm4ForCausalLM",
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5}),
+    # Benchmarks: real per-layer shapes (SmolLM2-135M), random weights (no training), the tiny models' tokenizer.
+    "smollm2": TinyModelSpec(
+        kind="smollm2", architecture="LlamaForCausalLM",
+        rope_parameters={"rope_type": "default", "rope_theta": 100000.0}, hidden_size=576, num_layers=30,
+        num_heads=9, num_kv_heads=3, intermediate_size=1536, max_position_embeddings=8192, train_steps=0),
 }
 
 
@@ -143,8 +152,9 @@ def _make_config(spec: TinyModelSpec, vocab: int, eos: int) -> Any:
                           n_layer=spec.num_layers, n_head=spec.num_heads,
                           rotary_dim=spec.rotary_dim, n_inner=spec.intermediate_size,
                           architectures=[spec.architecture], **ids)
-    cls = {"qwen2": Qwen2Config, "llama3": LlamaConfig, "glm4": Glm4Config}[spec.kind]
-    extra = {"head_dim": spec.head_dim} if spec.kind in ("llama3", "glm4") else {}
+    classes = {"Qwen2ForCausalLM": Qwen2Config, "LlamaForCausalLM": LlamaConfig, "Glm4ForCausalLM": Glm4Config}
+    cls = classes[spec.architecture]
+    extra = {"head_dim": spec.head_dim} if cls is not Qwen2Config else {}
     assert spec.hidden_size == spec.num_heads * spec.head_dim
     return cls(hidden_size=spec.hidden_size, intermediate_size=spec.intermediate_size,
                num_hidden_layers=spec.num_layers, num_attention_heads=spec.num_heads,
@@ -237,7 +247,7 @@ def build_tiny_model(kind: str = "qwen2", cache_dir: str | os.PathLike | None = 
     """
     if spec is None:
         if kind not in SPECS:
-            raise ValueError(f"unknown tiny model kind {kind!r}; choose from {MODEL_KINDS}")
+            raise ValueError(f"unknown tiny model kind {kind!r}; choose from {MODEL_KINDS + BENCH_KINDS}")
         spec = SPECS[kind]
     root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"{spec.kind}-{spec.cache_key()}"
@@ -272,8 +282,8 @@ def tiny_model_path(kind: str = "qwen2") -> pathlib.Path:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="Build the project's tiny test models.")
-    ap.add_argument("--kind", default="qwen2", choices=MODEL_KINDS)
-    ap.add_argument("--all", action="store_true", help="build every kind")
+    ap.add_argument("--kind", default="qwen2", choices=MODEL_KINDS + BENCH_KINDS)
+    ap.add_argument("--all", action="store_true", help="build every test kind (MODEL_KINDS)")
     ap.add_argument("--cache-dir", default=None)
     args = ap.parse_args(argv)
     for kind in MODEL_KINDS if args.all else (args.kind,):
