@@ -188,6 +188,6 @@ def bench_sdpa(shape: Shape, device: str, gen: torch.Generator, warmup: int,
             eager = median_seconds(run, device, warmup, reps)
             graph = median_seconds(as_graph(run), device, warmup, reps) if device == "cuda" else float("nan")
             rows.append((name.lower(), eager, graph, ""))
-        except RuntimeError as error:  # backend not available for these shapes / this build
+        except Exception as error:  # backend not available for these shapes / this build, or not capturable
             rows.append((name.lower(), None, None, str(error).strip().splitlines()[0][:80]))
     return rows
