@@ -13,7 +13,8 @@ vLLM's CPU impl writes every token's K/V. Each step the builder splits the batch
 
 CUDA (compiled and kernel-tested, not run inside vLLM here): the cache is the LBHNC layout with K/V written by
 this backend, and every row, plain or not, goes through the Triton kernel. The metadata is built once per step in
-``build``, on the device; ``forward`` does no host sync on CUDA. CUDA graphs: not declared (eager attention).
+``build``, on the device; ``forward`` does no host sync on CUDA. CUDA graphs: the builder declares ``NEVER``
+(attention runs eagerly between vLLM's captured pieces).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import torch
 from vllm.platforms import current_platform
 from vllm.v1.attention.backend import (
     AttentionBackend,
+    AttentionCGSupport,
     AttentionImpl,
     AttentionLayer,
     AttentionMetadataBuilder,
@@ -105,6 +107,11 @@ def _token_index(runs: list[tuple[int, int]], device: torch.device) -> torch.Ten
 
 
 class HogwildMetadataBuilder(AttentionMetadataBuilder[HogwildMetadata]):
+    # The Triton kernel launches without host syncs, but each step's segment table is built from the scheduler's
+    # plan on the host and changes size every step: attention runs outside CUDA graphs (vLLM then runs it eagerly
+    # between the captured pieces under piecewise graphs).
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
     def __init__(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: torch.device) -> None:
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         register_runner_hook()  # this is the worker process: make the runner publish group steps
