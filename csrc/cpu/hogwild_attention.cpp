@@ -1,8 +1,10 @@
 // CPU launcher of hogwild_C::hogwild_attention: position-delta attention over a paged cache.
 //
-// Work item = (query token, KV head): the Hq / Hkv query heads of one KV head share every key and value load. For
-// each segment of the token's view the query heads are rotated once (fp32, pre-scaled), the visible keys are read
-// in runs inside one block, scored, and folded into an online softmax; nothing is written but out and lse. Inner
+// Work item = (up to 16 query tokens, KV head). The item's (token, segment) pairs are grouped by the keys they read
+// (views share the prompt, the history and each other's steps), and each group's keys are read once, in runs
+// inside one block, for every query head of every token that reads them: each token's heads are rotated by that
+// token's delta for the segment (fp32, pre-scaled), masked to the token's visible prefix, and folded into the
+// token's online softmax. Nothing is written but out and lse. Inner
 // loops are plain fp32 loops over contiguous memory that the compiler vectorizes (keys token-contiguous: over
 // tokens; keys dim-contiguous: over dims; values: over dims). Items run in parallel with at::parallel_for, on the
 // threads the caller's process has (vLLM's CPU worker gives its OpenMP pool its own cores).
@@ -103,38 +105,76 @@ inline float lane_sum(vfloat v) {
   return s;
 }
 
-// Per-thread scratch: queries (fp32), rotated queries, scores, accumulators and softmax states of the G query heads
-// of one KV head. Scores of a chunk: [G][kChunk].
+// The query tokens of one work item that read one run of keys: (sequence, first token), every use with its own
+// visible prefix and rotation. Views share the prompt, the history and each other's steps, so the keys of such a
+// segment are loaded once for all the tokens (and query heads) that read them.
+struct SegmentUse {
+  int64_t token;    // index inside the work item's tokens
+  int64_t visible;  // keys start .. start + visible - 1
+  hogwild::CosSinRow row;
+};
+struct SharedSegment {
+  int64_t seq, start, longest;
+  std::vector<SegmentUse> uses;
+};
+
+// Per-thread scratch. Rows of the item: up to kTokensPerItem tokens x G query heads (token-major): q, acc, state.
+// Rows of one shared segment (its uses x G, grown as needed): q_rot, scores, acc_s, state_s, limit.
+constexpr int64_t kTokensPerItem = 16;
 struct Scratch {
-  std::vector<float> q, q_rot, acc;
+  std::vector<float> q, acc, q_rot, acc_s;
+  std::vector<hogwild::SoftmaxState> state, state_s;
   std::vector<vfloat> scores;
-  std::vector<hogwild::SoftmaxState> state;
-  Scratch(int64_t group, int64_t head_size, int64_t value_size)
-      : q(group * head_size), q_rot(group * head_size), acc(group * value_size), scores(group * kRun),
-        state(group) {}
+  std::vector<int64_t> limit;
+  std::vector<SharedSegment> shared;
+  Scratch(int64_t rows, int64_t head_size, int64_t value_size)
+      : q(rows * head_size), acc(rows * value_size), state(rows) {}
+  void reserve_segment_rows(int64_t rows, int64_t head_size, int64_t value_size) {
+    if (static_cast<int64_t>(limit.size()) >= rows) return;
+    q_rot.resize(rows * head_size);
+    acc_s.resize(rows * value_size);
+    state_s.resize(rows);
+    scores.resize(rows * kRun);
+    limit.resize(rows);
+  }
 };
 
 // Dim-major page (vLLM's CPU layout), block_size % kChunk == 0: scores of the aligned 16-token run starting at
 // page token j0 for heads g0 .. g0 + kBlock - 1. Each key vector is loaded once for all heads of the block.
-template <int kBlock, typename scalar_t>
+template <int kBlock, int kVectors, typename scalar_t>
 inline void score_run_dim_major(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0,
                                 const float* q_rot, int64_t g0, vfloat* scores) {
-  vfloat acc[kBlock][kRun];
+  vfloat acc[kBlock][kVectors];
   for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kRun; ++v) acc[b][v] = vfloat{};
+    for (int v = 0; v < kVectors; ++v) acc[b][v] = vfloat{};
   }
   const int64_t d_size = p.head_size;
   for (int64_t d = 0; d < d_size; ++d) {
     const scalar_t* col = page + d * p.k_stride_dim + j0;
     vfloat qd[kBlock];
     for (int b = 0; b < kBlock; ++b) qd[b] = splat(q_rot[(g0 + b) * d_size + d]);
-    for (int v = 0; v < kRun; ++v) {
+    for (int v = 0; v < kVectors; ++v) {
       const vfloat k = load_lanes(col + v * kLanes);
       for (int b = 0; b < kBlock; ++b) acc[b][v] += qd[b] * k;
     }
   }
   for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kRun; ++v) scores[kRun * (g0 + b) + v] = acc[b][v];
+    for (int v = 0; v < kVectors; ++v) scores[kRun * (g0 + b) + v] = acc[b][v];
+  }
+}
+
+// All heads of the group, in blocks of kScoreHeads.
+template <int kVectors, typename scalar_t>
+inline void score_heads_dim_major(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0,
+                                  int64_t group, const float* q_rot, vfloat* scores) {
+  int64_t g0 = 0;
+  for (; g0 + kScoreHeads <= group; g0 += kScoreHeads) {
+    score_run_dim_major<kScoreHeads, kVectors>(p, page, j0, q_rot, g0, scores);
+  }
+  switch (group - g0) {
+    case 2: score_run_dim_major<2, kVectors>(p, page, j0, q_rot, g0, scores); break;
+    case 1: score_run_dim_major<1, kVectors>(p, page, j0, q_rot, g0, scores); break;
+    default: break;
   }
 }
 
@@ -144,14 +184,11 @@ template <typename scalar_t>
 void score_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0, int64_t lo, int64_t hi,
                int64_t group, const float* q_rot, vfloat* scores) {
   if (p.k_stride_token == 1 && p.block_size % kChunk == 0) {
-    int64_t g0 = 0;
-    for (; g0 + kScoreHeads <= group; g0 += kScoreHeads) {
-      score_run_dim_major<kScoreHeads>(p, page, j0, q_rot, g0, scores);
-    }
-    switch (group - g0) {
-      case 2: score_run_dim_major<2>(p, page, j0, q_rot, g0, scores); break;
-      case 1: score_run_dim_major<1>(p, page, j0, q_rot, g0, scores); break;
-      default: break;
+    switch ((hi + kLanes - 1) / kLanes) {  // vectors the run needs: short segments (glue, peers' steps) score less
+      case 1: score_heads_dim_major<1>(p, page, j0, group, q_rot, scores); break;
+      case 2: score_heads_dim_major<2>(p, page, j0, group, q_rot, scores); break;
+      case 3: score_heads_dim_major<3>(p, page, j0, group, q_rot, scores); break;
+      default: score_heads_dim_major<kRun>(p, page, j0, group, q_rot, scores); break;
     }
     return;
   }
@@ -195,47 +232,59 @@ inline void accumulate_values(const HogwildAttentionParams<scalar_t>& p, const s
   }
 }
 
-// Folds the scores of lanes lo .. hi - 1 of one run (page tokens j0 + lo ..) and their values into the online
-// softmax of every head.
+// Folds the scores of one run into the online softmax of each of the `rows` rows: lanes lo .. hi - 1 are page
+// tokens j0 + lo .. of the segment, from its token `seg_offset` on; row r sees the segment's first limit[r] tokens.
+// state[r] and acc[r * Dv ..] are row r's softmax state and value sums.
 template <typename scalar_t>
 void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0, int64_t lo,
-                    int64_t hi, int64_t group, vfloat* scores, Scratch& w) {
+                    int64_t hi, int64_t rows, vfloat* scores, hogwild::SoftmaxState* state, float* acc_rows,
+                    const int64_t* limit, int64_t seg_offset) {
   const int64_t dv = p.value_size;
   vint lane;
   for (int64_t i = 0; i < kLanes; ++i) lane[i] = static_cast<int32_t>(i);
   const vint lo_v = vint{} + static_cast<int32_t>(lo), hi_v = vint{} + static_cast<int32_t>(hi);
+  const int nv = static_cast<int>((hi + kLanes - 1) / kLanes);  // vectors holding lanes of the run
   vint inside[kRun];
   for (int v = 0; v < kRun; ++v) {
     const vint index = lane + static_cast<int32_t>(v * kLanes);
     inside[v] = (index >= lo_v) & (index < hi_v);
   }
   const vfloat neg_inf = splat(-INFINITY);
-  for (int64_t g = 0; g < group; ++g) {
+  for (int64_t g = 0; g < rows; ++g) {
     vfloat* s = scores + kRun * g;
+    // lane L holds segment token seg_offset + L - lo: visible to this row iff that is below limit[g]
+    const vint row_end = vint{} + static_cast<int32_t>(std::min<int64_t>(hi, lo + limit[g] - seg_offset));
+    vint mask[kRun];
     vfloat run_max = neg_inf;
-    for (int v = 0; v < kRun; ++v) {
-      s[v] = inside[v] ? s[v] : neg_inf;
+    for (int v = 0; v < nv; ++v) {
+      mask[v] = inside[v] & (lane + static_cast<int32_t>(v * kLanes) < row_end);
+      s[v] = mask[v] ? s[v] : neg_inf;
       run_max = run_max > s[v] ? run_max : s[v];
     }
-    hogwild::SoftmaxState& st = w.state[g];
-    const float m_new = std::max(st.m, lane_max(run_max));
+    const float chunk_max = lane_max(run_max);
+    if (chunk_max == -INFINITY) {  // the row sees none of this run
+      for (int v = 0; v < nv; ++v) s[v] = vfloat{};
+      continue;
+    }
+    hogwild::SoftmaxState& st = state[g];
+    const float m_new = std::max(st.m, chunk_max);
     const float correction = exp_nonpositive(st.m - m_new);
     vfloat total = vfloat{};
-    for (int v = 0; v < kRun; ++v) {
-      s[v] = inside[v] ? exp_nonpositive(s[v] - m_new) : vfloat{};
+    for (int v = 0; v < nv; ++v) {
+      s[v] = mask[v] ? exp_nonpositive(s[v] - m_new) : vfloat{};
       total += s[v];
     }
     st.l = st.l * correction + lane_sum(total);
     st.m = m_new;
     if (correction != 1.0f) {
-      float* acc = w.acc.data() + g * dv;
+      float* acc = acc_rows + g * dv;
       for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
     }
   }
   if (dv % (2 * kLanes) != 0) {  // odd value sizes: scalar
-    for (int64_t g = 0; g < group; ++g) {
+    for (int64_t g = 0; g < rows; ++g) {
       const float* pj = reinterpret_cast<const float*>(scores + kRun * g);
-      float* acc = w.acc.data() + g * dv;
+      float* acc = acc_rows + g * dv;
       for (int64_t j = lo; j < hi; ++j) {
         const scalar_t* value = vpage + (j0 + j) * p.v_stride_token;
         for (int64_t d = 0; d < dv; ++d) acc[d] += pj[j] * load_float(value[d]);
@@ -245,72 +294,126 @@ void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* v
   }
   for (int64_t d0 = 0; d0 < dv; d0 += 2 * kLanes) {
     int64_t g0 = 0;
-    for (; g0 + kValueHeads <= group; g0 += kValueHeads) {
-      accumulate_values<kValueHeads>(p, vpage, j0, lo, hi, scores, w.acc.data(), g0, d0);
+    for (; g0 + kValueHeads <= rows; g0 += kValueHeads) {
+      accumulate_values<kValueHeads>(p, vpage, j0, lo, hi, scores, acc_rows, g0, d0);
     }
-    switch (group - g0) {
-      case 3: accumulate_values<3>(p, vpage, j0, lo, hi, scores, w.acc.data(), g0, d0); break;
-      case 2: accumulate_values<2>(p, vpage, j0, lo, hi, scores, w.acc.data(), g0, d0); break;
-      case 1: accumulate_values<1>(p, vpage, j0, lo, hi, scores, w.acc.data(), g0, d0); break;
+    switch (rows - g0) {
+      case 3: accumulate_values<3>(p, vpage, j0, lo, hi, scores, acc_rows, g0, d0); break;
+      case 2: accumulate_values<2>(p, vpage, j0, lo, hi, scores, acc_rows, g0, d0); break;
+      case 1: accumulate_values<1>(p, vpage, j0, lo, hi, scores, acc_rows, g0, d0); break;
       default: break;
     }
   }
 }
 
-// One work item. Returns false when the table is out of bounds for the cache or the RoPE table (nothing is read).
+// Groups the (token, segment) pairs of tokens first .. last - 1 by the keys they read, into w.shared. Returns false
+// when the table is out of bounds for the cache or the RoPE table.
 template <typename scalar_t>
-bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t t, int64_t kv_head, Scratch& w) {
+bool collect_segments(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64_t last, Scratch& w) {
+  w.shared.clear();
+  for (int64_t t = first; t < last; ++t) {
+    const int64_t view = p.query_view[t];
+    if (view < 0 || view >= p.num_views) return false;
+    const int64_t n_q = p.query_pos[2 * t], p_q = p.query_pos[2 * t + 1];
+    const int64_t seg_begin = p.view_offsets[view], seg_end = p.view_offsets[view + 1];
+    if (seg_begin < 0 || seg_end > p.num_segments || seg_begin > seg_end) return false;
+    for (int64_t s = seg_begin; s < seg_end; ++s) {
+      const SegmentRow seg = hogwild::load_segment(p.segments, s);
+      if (!hogwild::segment_in_bounds(seg, p.num_seqs, p.max_blocks, p.block_size)) return false;
+      const int64_t visible = hogwild::visible_keys(p_q, seg);
+      if (visible == 0) continue;
+      SegmentUse use{t - first, visible, {}};
+      if (!hogwild::cos_sin_row(p.cos_sin_table, p.table_rows, p.table_stride, p.rotary_dim,
+                                hogwild::segment_delta(n_q, p_q, seg), &use.row)) {
+        return false;
+      }
+      auto it = std::find_if(w.shared.begin(), w.shared.end(),
+                             [&](const SharedSegment& x) { return x.seq == seg.seq && x.start == seg.start; });
+      if (it == w.shared.end()) {
+        w.shared.push_back(SharedSegment{seg.seq, seg.start, 0, {}});
+        it = w.shared.end() - 1;
+      }
+      it->longest = std::max(it->longest, visible);
+      it->uses.push_back(use);
+    }
+  }
+  return true;
+}
+
+// One work item: tokens first .. last - 1, one KV head, all its query heads. Returns false on a bad table.
+template <typename scalar_t>
+bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64_t last, int64_t kv_head,
+                 Scratch& w) {
   const int64_t group = p.num_heads / p.num_kv_heads;
   const int64_t d_size = p.head_size, dv = p.value_size;
-  const int64_t view = p.query_view[t];
-  if (view < 0 || view >= p.num_views) return false;
-  const int64_t n_q = p.query_pos[2 * t], p_q = p.query_pos[2 * t + 1];
-  for (int64_t g = 0; g < group; ++g) {
-    const scalar_t* q = p.query + t * p.q_stride_token + (kv_head * group + g) * p.q_stride_head;
-    for (int64_t d = 0; d < d_size; ++d) w.q[g * d_size + d] = load_float(q[d]);
-    w.state[g] = {-INFINITY, 0.0f};
+  if (!collect_segments(p, first, last, w)) return false;
+  size_t most = 0;  // a view may read one run of keys more than once (the glue marker after every peer's step)
+  for (const SharedSegment& sh : w.shared) most = std::max(most, sh.uses.size());
+  w.reserve_segment_rows(static_cast<int64_t>(most) * group, d_size, dv);
+  for (int64_t t = first; t < last; ++t) {  // row (t - first) * G + g
+    for (int64_t g = 0; g < group; ++g) {
+      const scalar_t* q = p.query + t * p.q_stride_token + (kv_head * group + g) * p.q_stride_head;
+      float* row = w.q.data() + ((t - first) * group + g) * d_size;
+      for (int64_t d = 0; d < d_size; ++d) row[d] = load_float(q[d]);
+      w.state[(t - first) * group + g] = {-INFINITY, 0.0f};
+    }
   }
   std::fill(w.acc.begin(), w.acc.end(), 0.0f);
-  const int64_t seg_begin = p.view_offsets[view], seg_end = p.view_offsets[view + 1];
-  if (seg_begin < 0 || seg_end > p.num_segments || seg_begin > seg_end) return false;
-  for (int64_t s = seg_begin; s < seg_end; ++s) {
-    const SegmentRow seg = hogwild::load_segment(p.segments, s);
-    if (!hogwild::segment_in_bounds(seg, p.num_seqs, p.max_blocks, p.block_size)) return false;
-    const int64_t visible = hogwild::visible_keys(p_q, seg);
-    if (visible == 0) continue;
-    hogwild::CosSinRow row;
-    if (!hogwild::cos_sin_row(p.cos_sin_table, p.table_rows, p.table_stride, p.rotary_dim,
-                              hogwild::segment_delta(n_q, p_q, seg), &row)) {
-      return false;
+  for (const SharedSegment& sh : w.shared) {
+    // This segment's rows (use u, head g) -> u * G + g: rotated queries, and the rows' states gathered.
+    const int64_t rows = static_cast<int64_t>(sh.uses.size()) * group;
+    for (size_t u = 0; u < sh.uses.size(); ++u) {
+      const SegmentUse& use = sh.uses[u];
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = use.token * group + g, k = static_cast<int64_t>(u) * group + g;
+        hogwild::rotate_scaled(w.q.data() + r * d_size, w.q_rot.data() + k * d_size, d_size, p.rotary_dim,
+                               p.is_neox, use.row.cos, use.row.sin, use.row.sin_sign, p.scale);
+        w.state_s[k] = {-INFINITY, 0.0f};  // each use starts its own softmax, merged into the token's below
+        std::fill_n(w.acc_s.data() + k * dv, dv, 0.0f);
+        w.limit[k] = use.visible;
+      }
     }
-    for (int64_t g = 0; g < group; ++g) {
-      hogwild::rotate_scaled(w.q.data() + g * d_size, w.q_rot.data() + g * d_size, d_size, p.rotary_dim, p.is_neox,
-                             row.cos, row.sin, row.sin_sign, p.scale);
-    }
-    const int32_t* blocks = p.block_tables + seg.seq * p.bt_stride;
-    for (int64_t i = seg.start, end = seg.start + visible; i < end;) {
+    const int32_t* blocks = p.block_tables + sh.seq * p.bt_stride;
+    for (int64_t i = sh.start, end = sh.start + sh.longest; i < end;) {
       const int64_t block = blocks[i / p.block_size];
       if (block < 0 || block >= p.num_blocks) return false;
       const int64_t off = i % p.block_size;
-      // The aligned run of kChunk page tokens holding token i (the page is a whole number of runs on the fast
-      // path; otherwise the run is clipped to the page): lanes lo .. hi - 1 are keys of this segment.
-      const int64_t j0 = p.block_size % kChunk == 0 ? off - off % kChunk : off;
+      // A run of up to kChunk page tokens from the vector-aligned one holding token i (the page is a whole number
+      // of runs on the fast path, so the run never leaves it; otherwise the run is clipped to the page): lanes
+      // lo .. hi - 1 are keys of this segment.
+      const int64_t j0 = p.block_size % kChunk == 0 ? off - off % kLanes : off;
       const int64_t lo = off - j0;
       const int64_t hi = std::min({kChunk, p.block_size - j0, lo + (end - i)});
       const scalar_t* kpage = p.key_cache + block * p.k_stride_block + kv_head * p.k_stride_head;
       const scalar_t* vpage = p.value_cache + block * p.v_stride_block + kv_head * p.v_stride_head;
-      score_run(p, kpage, j0, lo, hi, group, w.q_rot.data(), w.scores.data());
-      accumulate_run(p, vpage, j0, lo, hi, group, w.scores.data(), w);
+      score_run(p, kpage, j0, lo, hi, rows, w.q_rot.data(), w.scores.data());
+      accumulate_run(p, vpage, j0, lo, hi, rows, w.scores.data(), w.state_s.data(), w.acc_s.data(),
+                     w.limit.data(), i - sh.start);
       i += hi - lo;
     }
+    for (size_t u = 0; u < sh.uses.size(); ++u) {  // merge each use into its token's softmax (log-sum-exp)
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t r = sh.uses[u].token * group + g, k = static_cast<int64_t>(u) * group + g;
+        hogwild::SoftmaxState& mine = w.state[r];
+        const hogwild::SoftmaxState& part = w.state_s[k];
+        const float m = std::max(mine.m, part.m);
+        const float a = exp_nonpositive(mine.m - m), b = exp_nonpositive(part.m - m);
+        float* acc = w.acc.data() + r * dv;
+        const float* acc_part = w.acc_s.data() + k * dv;
+        for (int64_t d = 0; d < dv; ++d) acc[d] = acc[d] * a + acc_part[d] * b;
+        mine = {m, mine.l * a + part.l * b};
+      }
+    }
   }
-  for (int64_t g = 0; g < group; ++g) {
-    const int64_t h = kv_head * group + g;
-    const hogwild::SoftmaxState& st = w.state[g];
-    const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
-    scalar_t* o = p.out + t * p.o_stride_token + h * p.o_stride_head;
-    for (int64_t d = 0; d < dv; ++d) o[d] = static_cast<scalar_t>(w.acc[g * dv + d] * inv);
-    if (p.lse != nullptr) p.lse[t * p.lse_stride_token + h] = st.l > 0.0f ? st.m + std::log(st.l) : -INFINITY;
+  for (int64_t t = first; t < last; ++t) {
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t r = (t - first) * group + g, h = kv_head * group + g;
+      const hogwild::SoftmaxState& st = w.state[r];
+      const float inv = st.l > 0.0f ? 1.0f / st.l : 0.0f;
+      scalar_t* o = p.out + t * p.o_stride_token + h * p.o_stride_head;
+      for (int64_t d = 0; d < dv; ++d) o[d] = static_cast<scalar_t>(w.acc[r * dv + d] * inv);
+      if (p.lse != nullptr) p.lse[t * p.lse_stride_token + h] = st.l > 0.0f ? st.m + std::log(st.l) : -INFINITY;
+    }
   }
   return true;
 }
@@ -318,11 +421,14 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t t, int64_t k
 template <typename scalar_t>
 void launch(const HogwildAttentionParams<scalar_t>& p) {
   const int64_t group = p.num_heads / p.num_kv_heads;
+  const int64_t chunks = (p.num_tokens + kTokensPerItem - 1) / kTokensPerItem;
   std::atomic<bool> ok{true};
-  at::parallel_for(0, p.num_tokens * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
-    Scratch w(group, p.head_size, p.value_size);
+  at::parallel_for(0, chunks * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+    Scratch w(kTokensPerItem * group, p.head_size, p.value_size);
     for (int64_t item = begin; item < end; ++item) {
-      if (!attend_item(p, item / p.num_kv_heads, item % p.num_kv_heads, w)) ok.store(false);
+      const int64_t first = (item / p.num_kv_heads) * kTokensPerItem;
+      const int64_t last = std::min(p.num_tokens, first + kTokensPerItem);
+      if (!attend_item(p, first, last, item % p.num_kv_heads, w)) ok.store(false);
     }
   });
   TORCH_CHECK(ok.load(), "hogwild_attention: the segment table reads outside the block tables, the cache or the "
