@@ -139,8 +139,8 @@ struct Scratch {
   }
 };
 
-// Dim-major page (vLLM's CPU layout), block_size % kChunk == 0: scores of the aligned 16-token run starting at
-// page token j0 for heads g0 .. g0 + kBlock - 1. Each key vector is loaded once for all heads of the block.
+// Dim-major page (vLLM's CPU layout), block_size % kLanes == 0: scores of the run of kVectors vectors of page
+// tokens from j0 (vector-aligned) for heads g0 .. g0 + kBlock - 1. Each key vector is loaded once for all heads.
 template <int kBlock, int kVectors, typename scalar_t>
 inline void score_run_dim_major(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0,
                                 const float* q_rot, int64_t g0, vfloat* scores) {
@@ -183,7 +183,7 @@ inline void score_heads_dim_major(const HogwildAttentionParams<scalar_t>& p, con
 template <typename scalar_t>
 void score_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0, int64_t lo, int64_t hi,
                int64_t group, const float* q_rot, vfloat* scores) {
-  if (p.k_stride_token == 1 && p.block_size % kChunk == 0) {
+  if (p.k_stride_token == 1 && p.block_size % kLanes == 0) {
     switch ((hi + kLanes - 1) / kLanes) {  // vectors the run needs: short segments (glue, peers' steps) score less
       case 1: score_heads_dim_major<1>(p, page, j0, group, q_rot, scores); break;
       case 2: score_heads_dim_major<2>(p, page, j0, group, q_rot, scores); break;
@@ -381,7 +381,7 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
       // A run of up to kChunk page tokens from the vector-aligned one holding token i (the page is a whole number
       // of runs on the fast path, so the run never leaves it; otherwise the run is clipped to the page): lanes
       // lo .. hi - 1 are keys of this segment.
-      const int64_t j0 = p.block_size % kChunk == 0 ? off - off % kLanes : off;
+      const int64_t j0 = p.block_size % kLanes == 0 ? off - off % kLanes : off;
       const int64_t lo = off - j0;
       const int64_t hi = std::min({kChunk, p.block_size - j0, lo + (end - i)});
       const scalar_t* kpage = p.key_cache + block * p.k_stride_block + kv_head * p.k_stride_head;

@@ -52,8 +52,8 @@ class HogwildAttentionBackend(AttentionBackend):
 
     @staticmethod
     def get_supported_kernel_block_sizes(kv_cache_spec: Any = None) -> list[int | MultipleOf]:
-        if ON_CPU:  # vLLM's CPU kernel reads whole runs of 32 page tokens
-            return list(cpu_attention().backend.get_supported_kernel_block_sizes(kv_cache_spec))
+        # vLLM's CPU backend declares multiples of 32, but its kernels also run on multiples of 16 (ISA "vec16",
+        # which vLLM's builder picks for them); the position-delta op takes any multiple of 8 on its fast path.
         return [MultipleOf(16)]
 
     @staticmethod
@@ -133,7 +133,9 @@ class HogwildMetadataBuilder(AttentionMetadataBuilder[HogwildMetadata]):
         table, block_table = build_table(meta, req_ids, qsl, lens, m.block_table_tensor, device=self.device)
         group_runs = _complement([(r.token_start, r.length) for r in runs], m.num_actual_tokens)
         out = HogwildMetadata(m.num_actual_tokens, m.slot_mapping, block_table=block_table)
-        if group_runs:
+        if group_runs == [(0, m.num_actual_tokens)]:  # a batch of group rows only (decode steps)
+            out.table = table
+        elif group_runs:
             out.group_index = _token_index(group_runs, self.device)
             out.table = replace(table, query_view=table.query_view[out.group_index],
                                 query_pos=table.query_pos[out.group_index])
