@@ -247,3 +247,23 @@ def oracle(sc: Scenario, rope: DeltaRotation, scale: float) -> tuple[torch.Tenso
     return out, lse
 
 
+
+
+def table_from_views(views: list[list[tuple[int, int, int, int]]],
+                     queries: list[list[tuple[int, int]]]) -> SegmentTable:
+    """SegmentTable from per-view segment rows and per-view (natural, view) query positions, views in order."""
+    rows = [row for view in views for row in view]
+    offsets = [0] + [sum(len(view) for view in views[: v + 1]) for v in range(len(views))]
+    query_view = [v for v, qs in enumerate(queries) for _ in qs]
+    positions = [pos for qs in queries for pos in qs]
+    return SegmentTable(torch.tensor(rows, dtype=torch.int32).reshape(-1, 4), torch.tensor(offsets, dtype=torch.int32),
+                        torch.tensor(query_view, dtype=torch.int32),
+                        torch.tensor(positions, dtype=torch.int32).reshape(-1, 2))
+
+
+def paged_cache(lengths: list[int], block_size: int, head_size: int, value_size: int,
+                rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(key_cache, value_cache, block_tables) full of random fp32 data, for hand-made tables."""
+    block_tables, num_blocks = allocate_blocks(lengths, block_size, spare=2, rng=rng)
+    key_cache = torch.randn(num_blocks, block_size, NUM_KV_HEADS, head_size)
+    return key_cache, torch.randn(num_blocks, block_size, NUM_KV_HEADS, value_size), block_tables

@@ -6,8 +6,10 @@ Markers are declared in pyproject.toml ([tool.pytest.ini_options] markers, with 
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -64,3 +66,13 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def rng(request: pytest.FixtureRequest) -> random.Random:
+    """Fresh, reproducible randomness per test (torch and Python), seeded by the test id."""
+    import torch
+
+    seed = zlib.crc32(request.node.nodeid.encode())
+    torch.manual_seed(seed)
+    return random.Random(seed)

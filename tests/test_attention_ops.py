@@ -11,7 +11,6 @@ Pure torch (no vLLM). The GPU path is the Triton kernel, tested on the same case
 from __future__ import annotations
 
 import random
-import zlib
 
 import pytest
 import torch
@@ -25,9 +24,10 @@ from attention_cases import (
     build_scenario,
     make_rope,
     oracle,
+    table_from_views,
 )
 
-from hogwild_vllm.ops import SegmentTable, hogwild_attention, hogwild_attention_reference
+from hogwild_vllm.ops import hogwild_attention, hogwild_attention_reference
 from hogwild_vllm.ops._ext import load_ops
 from hogwild_vllm.ops.layouts import cpu_page_views
 
@@ -51,11 +51,6 @@ LSE_TOLERANCE: Tolerance = {"atol": 2e-5, "rtol": 2e-5}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def rng(request: pytest.FixtureRequest) -> random.Random:
-    seed = zlib.crc32(request.node.nodeid.encode())
-    torch.manual_seed(seed)
-    return random.Random(seed)
 
 
 def repack(sc: Scenario, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,13 +94,6 @@ def test_op_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int
     torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
 
 
-def _table(views: list[list[tuple[int, int, int, int]]], queries: list[list[tuple[int, int]]]) -> SegmentTable:
-    rows = [row for view in views for row in view]
-    offsets = [0] + [sum(len(view) for view in views[: v + 1]) for v in range(len(views))]
-    return SegmentTable(torch.tensor(rows, dtype=torch.int32).reshape(-1, 4), torch.tensor(offsets, dtype=torch.int32),
-                        torch.tensor([v for v, qs in enumerate(queries) for _ in qs], dtype=torch.int32),
-                        torch.tensor([p for qs in queries for p in qs], dtype=torch.int32).reshape(-1, 2))
-
 
 @pytest.mark.parametrize("rope_style", list(ROPE_STYLES))
 def test_hand_made_views_negative_deltas_and_empty_views(rope_style: str, rng: random.Random) -> None:
@@ -118,7 +106,7 @@ def test_hand_made_views_negative_deltas_and_empty_views(rope_style: str, rng: r
     value_cache = torch.randn(40, block_size, NUM_KV_HEADS, head_size)
     views = [[(0, 3, 20, 0), (1, 150, 17, 20), (0, 100, 0, 37), (1, 7, 9, 37)], [], [(0, 5, 0, 0), (1, 9, 0, 3)]]
     queries = [[(12, 40), (13, 45), (30, 10), (150, 0)], [(4, 4)], [(9, 2)]]
-    table = _table(views, queries)
+    table = table_from_views(views, queries)
     query = torch.randn(table.num_tokens, num_heads, head_size)  # [T, Hq, D]
     got, got_lse = hogwild_attention(query, key_cache, value_cache, bt, table, rope, 0.125, return_lse=True,
                                      impl=IMPL)
@@ -154,7 +142,7 @@ BAD_SEGMENTS = {"block table row": [5, 0, 4, 0], "past the block table": [0, 60,
 @pytest.mark.parametrize("segment", list(BAD_SEGMENTS.values()), ids=list(BAD_SEGMENTS))
 def test_out_of_bounds_tables_raise_instead_of_reading(segment: list[int]) -> None:
     rope = make_rope("double", "neox", 64)
-    table = _table([[tuple(segment)]], [[(3, 3)]])  # type: ignore[list-item]
+    table = table_from_views([[tuple(segment)]], [[(3, 3)]])  # type: ignore[list-item]
     cache = torch.randn(4, 16, NUM_KV_HEADS, 64)
     with pytest.raises(RuntimeError, match="reads outside"):
         hogwild_attention(torch.randn(1, NUM_KV_HEADS, 64), cache, cache, torch.tensor([[3, 1, 0, 2]]).int(), table,
@@ -164,7 +152,7 @@ def test_out_of_bounds_tables_raise_instead_of_reading(segment: list[int]) -> No
 def test_huge_delta_outside_the_rope_table_raises() -> None:
     rope = make_rope("double", "neox", 64)
     rows = rope.cos_sin_table.shape[0]
-    table = _table([[(0, 0, 4, 0)]], [[(0, rows + 12)]])  # delta = rows + 12
+    table = table_from_views([[(0, 0, 4, 0)]], [[(0, rows + 12)]])  # delta = rows + 12
     cache = torch.randn(4, 16, NUM_KV_HEADS, 64)
     with pytest.raises(RuntimeError, match="RoPE table"):
         hogwild_attention(torch.randn(1, NUM_KV_HEADS, 64), cache, cache, torch.tensor([[3, 1, 0, 2]]).int(), table,
@@ -173,7 +161,7 @@ def test_huge_delta_outside_the_rope_table_raises() -> None:
 
 def test_bad_shapes_and_dtypes_are_refused() -> None:
     rope = make_rope("double", "neox", 64)
-    table = _table([[(0, 0, 4, 0)]], [[(3, 3)]])
+    table = table_from_views([[(0, 0, 4, 0)]], [[(3, 3)]])
     cache, bt = torch.randn(4, 16, NUM_KV_HEADS, 64), torch.tensor([[3, 1, 0, 2]]).int()
     with pytest.raises(RuntimeError, match="multiple of"):
         hogwild_attention(torch.randn(1, 3, 64), cache, cache, bt, table, rope, 0.125, impl=IMPL)

@@ -5,7 +5,7 @@ Two toy codecs make token text explicit: ``CharCodec`` has one token per charact
 the separator" can happen. Scripts are lists of passes; a pass holds one token text per worker.
 
 Part 1 is hand-built cases with exact segment lists. Part 2 drives random scripts with hypothesis and compares the
-state with an oracle written here from the spec (docs: /work/shared/HOGWILD.md), then checks view invariants.
+state with an oracle written here from the spec (the layouts in docs/architecture.md), then checks view invariants.
 """
 
 from __future__ import annotations

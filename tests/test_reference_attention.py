@@ -8,7 +8,6 @@ the segment-wise reference with plain causal attention over each materialized vi
 from __future__ import annotations
 
 import random
-import zlib
 from typing import Any
 
 import pytest
@@ -31,6 +30,8 @@ from attention_cases import (
     build_scenario,
     make_rope,
     oracle,
+    paged_cache,
+    table_from_views,
     token_slots,
 )
 
@@ -46,12 +47,6 @@ from hogwild_vllm.ops import (
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@pytest.fixture
-def rng(request: pytest.FixtureRequest) -> random.Random:
-    """Fresh, reproducible randomness per test (torch and Python), seeded by the test id."""
-    seed = zlib.crc32(request.node.nodeid.encode())
-    torch.manual_seed(seed)
-    return random.Random(seed)
 
 
 def _attend(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor, block_tables: torch.Tensor,
@@ -112,23 +107,6 @@ def test_scores_are_the_models_at_view_positions(num_workers: int, rope_style: s
         torch.testing.assert_close(out[rows], expected, **OUT_TOLERANCES[torch.float32])
 
 
-def _table(views: list[list[tuple[int, int, int, int]]], queries: list[list[tuple[int, int]]]) -> SegmentTable:
-    """SegmentTable from per-view segment rows and per-view (natural, view) query positions, views in order."""
-    rows = [row for view in views for row in view]
-    offsets = [0] + [sum(len(view) for view in views[: v + 1]) for v in range(len(views))]
-    query_view = [v for v, qs in enumerate(queries) for _ in qs]
-    positions = [pos for qs in queries for pos in qs]
-    return SegmentTable(torch.tensor(rows, dtype=torch.int32).reshape(-1, 4), torch.tensor(offsets, dtype=torch.int32),
-                        torch.tensor(query_view, dtype=torch.int32),
-                        torch.tensor(positions, dtype=torch.int32).reshape(-1, 2))
-
-
-def _paged_cache(lengths: list[int], block_size: int, head_size: int, value_size: int,
-                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(key_cache, value_cache, block_tables) full of random fp32 data, for hand-made tables."""
-    block_tables, num_blocks = allocate_blocks(lengths, block_size, spare=2, rng=rng)
-    key_cache = torch.randn(num_blocks, block_size, NUM_KV_HEADS, head_size)
-    return key_cache, torch.randn(num_blocks, block_size, NUM_KV_HEADS, value_size), block_tables
 
 
 @pytest.mark.parametrize("rope_style", list(ROPE_STYLES))
@@ -139,11 +117,11 @@ def test_segment_is_visible_up_to_the_query_view_position(block_size: int, rope_
     positions <= p_q. Checked against the oracle given only those keys, and by overwriting the invisible ones."""
     head_size, value_size, num_heads, scale = 64, 32, NUM_KV_HEADS * 5, 0.125
     rope = make_rope("double", rope_style, head_size)
-    key_cache, value_cache, block_tables = _paged_cache([70, 140], block_size, head_size, value_size, rng)
+    key_cache, value_cache, block_tables = paged_cache([70, 140], block_size, head_size, value_size, rng)
     p_q = torch.tensor([9, 10, 25, 39, 44, 45, 54])  # [Tq]
     n_q = torch.randint(0, 140, p_q.shape)  # [Tq]
     queries = list(zip(n_q.tolist(), p_q.tolist(), strict=True))
-    table = _table([[(0, 0, 10, 0), (1, 100, 30, 10), (0, 55, 10, 45)]], [queries])
+    table = table_from_views([[(0, 0, 10, 0), (1, 100, 30, 10), (0, 55, 10, 45)]], [queries])
     query = torch.randn(p_q.shape[0], num_heads, head_size)  # [Tq, Hq, D]
     out, lse = _attend(query, key_cache, value_cache, block_tables, table, rope, scale)
     dense = materialize_views_reference(key_cache, value_cache, block_tables, table)[0]
@@ -169,9 +147,9 @@ def test_query_without_visible_key_gets_zeros(rng: random.Random) -> None:
     lse is the score with the query rotated by (p_q - n_q) - (view_start - start)."""
     head_size, value_size, gqa_ratio, scale = 64, 32, 5, 0.125
     rope = make_rope("double", "gptj-partial", head_size)
-    key_cache, value_cache, block_tables = _paged_cache([40], 16, head_size, value_size, rng)
+    key_cache, value_cache, block_tables = paged_cache([40], 16, head_size, value_size, rng)
     queries = [[(30, 0), (30, 9), (30, 10)], [(7, 7)], [(12, 50)]]
-    table = _table([[(0, 5, 8, 10)], [], [(0, 3, 0, 0), (0, 20, 0, 4)]], queries)
+    table = table_from_views([[(0, 5, 8, 10)], [], [(0, 3, 0, 0), (0, 20, 0, 4)]], queries)
     query = torch.randn(5, NUM_KV_HEADS * gqa_ratio, head_size)  # [T, Hq, D]
     out, lse = _attend(query, key_cache, value_cache, block_tables, table, rope, scale)
     hidden = torch.tensor([0, 1, 3, 4])

@@ -32,9 +32,10 @@ from attention_cases import (
     ROPE_STYLES,
     Scenario,
     Tolerance,
-    allocate_blocks,
     build_scenario,
     oracle,
+    paged_cache,
+    table_from_views,
     token_slots,
 )
 from attention_cases import TestRope as RopeDouble  # under its own name pytest would try to collect it
@@ -84,12 +85,6 @@ def _case_id(case: tuple) -> str:
     return f"h{head}-gqa{gqa}-bs{block}-n{workers}-{style}-{str(dtype)[6:]}-s{splits}"
 
 
-@pytest.fixture
-def rng(request: pytest.FixtureRequest) -> random.Random:
-    """Fresh, reproducible randomness per test (torch and Python), seeded by the test id."""
-    seed = zlib.crc32(request.node.nodeid.encode())
-    torch.manual_seed(seed)
-    return random.Random(seed)
 
 
 def _rope(style: str, head_size: int) -> RopeDouble:
@@ -181,23 +176,6 @@ def test_main_grid_has_negative_deltas_and_mid_block_segments() -> None:
     assert negative and mid_start and mid_end and empty
 
 
-def _table(views: list[list[tuple[int, int, int, int]]], queries: list[list[tuple[int, int]]]) -> SegmentTable:
-    """SegmentTable from per-view segment rows and per-view (natural, view) query positions, views in order."""
-    rows = [row for view in views for row in view]
-    offsets = [0] + [sum(len(view) for view in views[: v + 1]) for v in range(len(views))]
-    query_view = [v for v, qs in enumerate(queries) for _ in qs]
-    positions = [pos for qs in queries for pos in qs]
-    return SegmentTable(torch.tensor(rows, dtype=torch.int32).reshape(-1, 4), torch.tensor(offsets, dtype=torch.int32),
-                        torch.tensor(query_view, dtype=torch.int32),
-                        torch.tensor(positions, dtype=torch.int32).reshape(-1, 2))
-
-
-def _paged_cache(lengths: list[int], block_size: int, head_size: int, value_size: int,
-                 rng: random.Random) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(key_cache, value_cache, block_tables) full of random fp32 data, for hand-made tables."""
-    block_tables, num_blocks = allocate_blocks(lengths, block_size, spare=2, rng=rng)
-    key_cache = torch.randn(num_blocks, block_size, NUM_KV_HEADS, head_size)
-    return key_cache, torch.randn(num_blocks, block_size, NUM_KV_HEADS, value_size), block_tables
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -208,11 +186,11 @@ def test_keys_are_visible_exactly_up_to_the_query_view_position(block_size: int,
     oracle given only the keys at view positions <= p_q, and overwriting the invisible keys changes nothing."""
     head_size, value_size, num_heads, scale = 64, 32, NUM_KV_HEADS * 5, 0.125
     rope = _rope("gptj", head_size)
-    key_cache, value_cache, block_tables = _paged_cache([70, 140], block_size, head_size, value_size, rng)
+    key_cache, value_cache, block_tables = paged_cache([70, 140], block_size, head_size, value_size, rng)
     p_q = torch.tensor([9, 10, 25, 39, 44, 45, 54])  # [Tq]
     n_q = torch.randint(0, 140, p_q.shape)  # [Tq]
     queries = list(zip(n_q.tolist(), p_q.tolist(), strict=True))
-    table = _table([[(0, 0, 10, 0), (1, 100, 30, 10), (0, 55, 10, 45)]], [queries])
+    table = table_from_views([[(0, 0, 10, 0), (1, 100, 30, 10), (0, 55, 10, 45)]], [queries])
     query = torch.randn(p_q.shape[0], num_heads, head_size)  # [Tq, Hq, D]
     out, lse = _attend(query, key_cache, value_cache, block_tables, table, rope, scale, device, num_splits=splits)
     assert lse is not None
@@ -239,9 +217,9 @@ def test_query_without_visible_key_gets_zeros(device: str, rng: random.Random) -
     at view position 10 sees one key: its output is that key's value, its lse the score of the rotated query."""
     head_size, value_size, gqa_ratio, scale = 64, 32, 5, 0.125
     rope = _rope("gptj-partial", head_size)
-    key_cache, value_cache, block_tables = _paged_cache([40], 16, head_size, value_size, rng)
+    key_cache, value_cache, block_tables = paged_cache([40], 16, head_size, value_size, rng)
     queries = [[(30, 0), (30, 9), (30, 10)], [(7, 7)], [(12, 50)]]
-    table = _table([[(0, 5, 8, 10)], [], [(0, 3, 0, 0), (0, 20, 0, 4)]], queries)
+    table = table_from_views([[(0, 5, 8, 10)], [], [(0, 3, 0, 0), (0, 20, 0, 4)]], queries)
     query = torch.randn(5, NUM_KV_HEADS * gqa_ratio, head_size)  # [T, Hq, D]
     out, lse = _attend(query, key_cache, value_cache, block_tables, table, rope, scale, device, num_splits=3)
     assert lse is not None
