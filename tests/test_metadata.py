@@ -21,12 +21,14 @@ from hogwild_vllm.config import GroupConfig, Layout, Templates
 from hogwild_vllm.layout import GLUE, PROMPT, GroupState, Query, Segment
 from hogwild_vllm.metadata import (
     HogwildStepMeta,
+    PlainRun,
     QueryRun,
     RowPlan,
     RowView,
     Seg,
     StaleStepError,
     build_table,
+    plain_runs,
     plain_segment_table,
     plan_rows,
     segment_table,
@@ -406,3 +408,26 @@ def test_stale_step_is_refused(case: str) -> None:
         match = "blocks"
     with pytest.raises(StaleStepError, match=match):
         build_table(meta, ids, qsl, lens, bt)
+
+
+@pytest.mark.parametrize("layout", ["combined", "interleaved", "contiguous"])
+def test_plain_runs_are_plain_rows_and_the_prompt_chunk_of_c(layout: str) -> None:
+    """Rows outside groups are plain whole; the prompt request's chunk of C is plain (not its glue tokens, which
+    follow in the same row); worker rows never are."""
+    state = make_state(layout, 2)
+    names = source_names(state, ["g::w0", "g::w1"], "g::prompt")
+    glue = len(state.glue_tokens)
+    chunk = plan_rows(state, names, pass0_chunk=(0, 5))
+    runs = plain_runs(HogwildStepMeta(rows=chunk), ["p", "g::prompt"], [0, 3, 8], [10, 5])
+    assert runs == [PlainRun(0, 0, 3, 10), PlainRun(1, 3, 5, 5)]
+    last = plan_rows(state, names, pass0_chunk=(5, PROMPT_LEN))
+    total = PROMPT_LEN + glue
+    runs = plain_runs(HogwildStepMeta(rows=last), ["g::prompt", "p"], [0, total - 5, total - 4], [total, 7])
+    assert runs == [PlainRun(0, 0, PROMPT_LEN - 5, PROMPT_LEN), PlainRun(1, total - 5, 1, 7)]
+    workers = plan_rows(state, names)
+    counts = [workers[name].num_queries for name in ("g::w0", "g::w1")]
+    qsl = [0, counts[0], counts[0] + 2, counts[0] + 2 + counts[1]]
+    lens = [workers["g::w0"].first_natural + counts[0], 9, workers["g::w1"].first_natural + counts[1]]
+    runs = plain_runs(HogwildStepMeta(rows=workers), ["g::w0", "p", "g::w1"], qsl, lens)
+    assert runs == [PlainRun(1, counts[0], 2, 9)]
+    assert plain_runs(None, ["a", "b"], [0, 0, 4], [6, 4]) == [PlainRun(1, 0, 4, 4)]  # a row without queries: none
