@@ -9,10 +9,10 @@ picks, by the query's device:
 * otherwise, or when the fast one is missing (no compiled extension, no Triton), the pure-torch reference
   (``ops/reference.py``), saying so once in the log.
 
-``HOGWILD_ATTENTION_IMPL`` (``auto`` | ``reference`` | ``ext`` | ``triton``) forces one. Every implementation reads
-any strided paged cache ``[num_blocks, block_size, Hkv, D]`` (vLLM's CPU page layout, where keys are stored
-dim-major inside a page, is such a view) and the same :class:`SegmentTable`. Pure torch: importing this package
-never needs vLLM.
+``HOGWILD_ATTENTION_IMPL`` (``auto`` | ``reference`` | ``ext`` | ``triton``, read once per process) forces one.
+Every implementation reads any strided paged cache ``[num_blocks, block_size, Hkv, D]`` (vLLM's CPU page layout,
+where keys are stored dim-major inside a page, is such a view) and the same :class:`SegmentTable`. Pure torch:
+importing this package never needs vLLM.
 """
 
 from __future__ import annotations
@@ -52,10 +52,16 @@ def _warn_once(message: str) -> None:
 
 def attention_impl(device: torch.device) -> str:
     """The implementation :func:`hogwild_attention` uses for tensors on ``device``: ext, triton or reference."""
+    return _impl_for(device.type)
+
+
+@functools.cache
+def _impl_for(device_type: str) -> str:
+    """Decided once per process and device type (every attention layer of every step asks)."""
     forced = _forced_impl()
     if forced != "auto":
         return forced
-    if device.type == "cpu":
+    if device_type == "cpu":
         from hogwild_vllm.ops._ext import has_ext
 
         if has_ext():
@@ -63,7 +69,7 @@ def attention_impl(device: torch.device) -> str:
         _warn_once("hogwild: the compiled extension is missing, attention runs on the slow pure-torch reference "
                    "(build it with `make setup`)")
         return "reference"
-    if device.type == "cuda":
+    if device_type == "cuda":
         from hogwild_vllm.ops.triton_attention import has_triton
 
         if has_triton():
