@@ -239,9 +239,13 @@ def main() -> int:
         path, config = resolve_model(name)
         label = Path(name).name
         context = int(config.get("max_position_embeddings", 4096))
-        max_len = min(context, max(args.prompts) + args.lengths[1] + 256)
-        if max(args.prompts) + args.lengths[1] + 64 > max_len:
-            raise SystemExit(f"{label}: prompt {max(args.prompts)} + {args.lengths[1]} tokens exceeds its context")
+        # A group's views hold the prompt and every worker's tokens (headers and markers included, ~64 a worker)
+        need = max(args.prompts) + max(args.workers) * (args.lengths[1] + 64)
+        if need > context:
+            raise SystemExit(f"{label}: a group of {max(args.workers)} workers with {args.lengths[1]} tokens each "
+                             f"over a {max(args.prompts)}-token prompt needs ~{need} positions; its context is "
+                             f"{context}")
+        max_len = min(context, need + 256)
         tok = AutoTokenizer.from_pretrained(path)
         problems = {(p, n): sized_problem(tok, text, p, n) for p in args.prompts for n in args.workers}
         header.append(f"model {label}: {path}; {config.get('num_hidden_layers')} layers, hidden "

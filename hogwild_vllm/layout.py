@@ -171,6 +171,14 @@ class GroupState:
         put_own(w, me.step_start, len(me.tokens))
         return out
 
+    def longest_view(self, own_tokens: int) -> int:
+        """An upper bound on any worker's view length (the largest position a query can take, plus one) when every
+        worker holds at most ``own_tokens`` own tokens: the prompt, all workers' tokens, and the glue a view places
+        (the unfinished marker once per peer)."""
+        glue = sum(len(piece.tokens) * (len(self.workers) - 1 if name == "unfinished_marker" else 1)
+                   for name, piece in self.glue.items())
+        return self.prompt_len + len(self.workers) * own_tokens + glue
+
     def glue_views(self) -> list[tuple[list[Segment], list[Query]]]:
         """Views that compute the glue: each piece attends to the prompt and causally to itself."""
         views = []

@@ -168,6 +168,10 @@ class HogwildScheduler(Scheduler):
             problems.append(f"the prompt ({p} tokens) plus a worker's budget ({tmax} token slots: max_tokens "
                             f"{cfg.max_tokens} + the longest step header + 1) exceeds max_model_len "
                             f"{self.max_model_len}")
+        view = state.longest_view(tmax)
+        if view > self.max_model_len:  # queries sit at view positions: the whole group must fit the context
+            problems.append(f"a worker's view can reach {view} positions (the prompt, {n} workers x {tmax} token "
+                            f"slots and the layout's markers), which exceeds max_model_len {self.max_model_len}")
         total = self.kv_cache_manager.block_pool.num_gpu_blocks - 1
         if blocks > total:
             problems.append(f"the group needs {blocks} KV blocks of {bs} tokens, the whole cache has {total}")

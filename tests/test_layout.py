@@ -410,6 +410,22 @@ def test_abort() -> None:
         st_.on_sampled([1, 2])
 
 
+@pytest.mark.parametrize("layout", list(Layout))
+def test_longest_view_is_reached_when_every_step_is_open(layout: Layout) -> None:
+    cfg = GroupConfig(workers=3, worker_names=("Ann", "Bob", "Cat"), layout=layout)
+    state = GroupState(cfg, 5, CHAR)
+    for _ in range(4):  # no separator: every worker's first step stays open, its intro included
+        state.on_sampled([CHAR.id("a")] * 3)
+    own = len(state.workers[0].tokens)
+    assert all(len(log.tokens) == own for log in state.workers)
+    lengths = [len(expand(state.view(w))) for w in range(3)]
+    if layout is Layout.INTERLEAVED:  # peers' open steps are invisible: the bound is reached once all commit
+        assert max(lengths) == state.longest_view(own) - 2 * own
+    else:
+        assert max(lengths) == state.longest_view(own)
+    assert state.longest_view(own + 10) == state.longest_view(own) + 30
+
+
 def test_bad_inputs() -> None:
     with pytest.raises(ValueError):
         make("combined", 2, prompt_len=0)
@@ -679,10 +695,12 @@ def check_state(state: GroupState, oracle: Oracle) -> None:
 def check_plan(state: GroupState, fed: list[list[int]]) -> None:
     """(e) each fed token's query view position maps back to it; every token is fed exactly once, in order."""
     P = state.prompt_len
+    bound = state.longest_view(max(len(log.tokens) for log in state.workers))
     for w, plan in enumerate(state.plan_pass()):
         log = state.workers[w]
         assert plan.segments == state.view(w)
         view = expand(plan.segments)
+        assert len(view) <= bound  # the scheduler's fit check relies on it
         assert plan.tokens == log.tokens[len(fed[w]):]
         assert len(plan.queries) == len(plan.tokens)
         for q in plan.queries:

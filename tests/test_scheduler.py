@@ -202,6 +202,20 @@ def test_group_that_cannot_fit_gets_an_error_output(tiny):
     assert sched.group_ids() == []
 
 
+def test_group_whose_views_outgrow_the_context_gets_an_error_output(tiny):
+    """Each worker alone fits max_model_len, but a worker's view holds all workers' tokens: refused up front,
+    never sent to the attention op, which would read outside the RoPE table."""
+    sched = make_scheduler(tiny, num_blocks=200)
+    prompt = prompt_ids(sched, "x " * 10)
+    sched.add_request(group_request("wide", prompt, workers=4, max_tokens=150))
+    sched.add_request(group_request("fits", prompt, workers=2, max_tokens=150))
+    outputs = {rid: o for _, outs in run(sched) for rid, o in outs.items()}
+    error = outputs["wide"].kv_transfer_params["hogwild"]["error"]
+    assert outputs["wide"].finish_reason == FinishReason.ERROR and "a worker's view can reach" in error
+    assert "exceeds max_model_len 512" in error and "a worker's budget" not in error
+    assert outputs["fits"].finish_reason != FinishReason.ERROR
+
+
 def test_pause_states_hold_groups_like_requests(tiny):
     from vllm.v1.core.sched.interface import PauseState
 
