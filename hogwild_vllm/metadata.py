@@ -20,8 +20,10 @@ Pure Python + torch (no vLLM import): the payload must unpickle in the worker pr
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
 from typing import NamedTuple
 
 import torch
@@ -141,6 +143,12 @@ class RowPlan:
                            and s.start <= run.natural and expect <= s.start + s.length for s in view.segments), (
                     f"{self.request_id}: queries {run} are not own keys of their view")
 
+    def __reduce__(self) -> tuple[Callable[..., RowPlan], tuple[str, tuple]]:
+        # Sent every step for every group row: as plain tuples it (un)pickles several times faster than as named
+        # tuples (whose generic protocol calls back into Python for every segment).
+        wire = tuple((tuple(map(tuple, view.segments)), tuple(map(tuple, view.queries))) for view in self.views)
+        return _row_plan_from_wire, (self.request_id, wire)
+
     @property
     def num_queries(self) -> int:
         return sum(run.length for view in self.views for run in view.queries)
@@ -151,6 +159,17 @@ class RowPlan:
 
     def sources(self) -> set[str]:
         return {s.source_id for view in self.views for s in view.segments}
+
+
+def _row_plan_from_wire(request_id: str, wire: tuple) -> RowPlan:
+    """Unpickle a :class:`RowPlan` (not re-checked: it was checked where it was built)."""
+    plan = object.__new__(RowPlan)
+    new = tuple.__new__  # named tuples without a Python call each
+    views = tuple(new(RowView, (tuple(map(new, repeat(Seg), segments)), tuple(map(new, repeat(QueryRun), queries))))
+                  for segments, queries in wire)
+    object.__setattr__(plan, "request_id", request_id)
+    object.__setattr__(plan, "views", views)
+    return plan
 
 
 @dataclass(frozen=True)
@@ -299,58 +318,60 @@ def build_table(meta: HogwildStepMeta | None, batch_req_ids: Sequence[str],
         raise StaleStepError(f"group rows {missing} are planned but not in the batch {list(batch_req_ids)}")
 
     extra: list[str] = []
+    where = {rid: (r, lens[r]) for rid, r in index.items()}  # request id -> (table row, tokens it holds)
 
-    def row_of(rid: str, start: int, length: int, reader: str) -> int:
-        r = index.get(rid)
-        if r is not None:
-            if start + length > lens[r]:
-                raise StaleStepError(f"{reader} reads tokens {start}..{start + length - 1} of {rid!r}, "
-                                     f"which holds {lens[r]}")
-            return r
+    def extra_row(rid: str, reader: str) -> tuple[int, int]:
         if meta is None or rid not in meta.extra_blocks:
             raise StaleStepError(f"{reader} reads {rid!r}, which is neither in the batch nor in extra_blocks")
-        if rid not in extra:
-            extra.append(rid)
-        return num_reqs + extra.index(rid)
+        extra.append(rid)
+        # its length is not sent: the op bounds-checks reads against its blocks
+        where[rid] = (num_reqs + len(extra) - 1, sys.maxsize)
+        return where[rid]
 
-    segs: list[tuple[int, int, int, int]] = []
+    segs: list[int] = []  # flat: (row, start, length, view_start) a segment
     offsets = [0]
-    runs: list[tuple[int, int, int, int]] = []  # (view, natural, view position, count) in batch query order
+    # Per query token, in batch order: its view, natural and view position. Plain Python lists, one tensor each at
+    # the end: a decode step has a few dozen tokens, where every small torch op costs more than the whole loop.
+    query_view: list[int] = []
+    naturals: list[int] = []
+    view_pos: list[int] = []
+
+    def add_queries(natural: int, view: int, count: int) -> None:
+        query_view.extend([len(offsets) - 2] * count)
+        naturals.extend(range(natural, natural + count))
+        view_pos.extend(range(view, view + count))
+
     for r, rid in enumerate(batch_req_ids):
         q_len = qsl[r + 1] - qsl[r]
         plan = rows.get(rid)
         if plan is None:
-            segs.append((r, 0, lens[r], 0))
-            offsets.append(len(segs))
-            if q_len:
-                runs.append((len(offsets) - 2, lens[r] - q_len, lens[r] - q_len, q_len))
+            segs += (r, 0, lens[r], 0)
+            offsets.append(len(segs) // 4)
+            add_queries(lens[r] - q_len, lens[r] - q_len, q_len)
             continue
         if plan.num_queries != q_len or plan.first_natural + q_len != lens[r]:
             raise StaleStepError(
                 f"row {r} ({rid!r}) is scheduled for {q_len} tokens ending at position {lens[r]}, but its plan has "
                 f"{plan.num_queries} queries from position {plan.first_natural}")
-        for view in plan.views:
-            segs.extend((row_of(s.source_id, s.start, s.length, rid), s.start, s.length, s.view_start)
-                        for s in view.segments)
-            offsets.append(len(segs))
-            runs.extend((len(offsets) - 2, *run) for run in view.queries)
+        for segments, queries in plan.views:
+            for source_id, start, length, view_start in segments:
+                row, held = where.get(source_id) or extra_row(source_id, rid)
+                if start + length > held:
+                    raise StaleStepError(f"{rid} reads tokens {start}..{start + length - 1} of {source_id!r}, "
+                                         f"which holds {held}")
+                segs += (row, start, length, view_start)
+            offsets.append(len(segs) // 4)
+            for natural, view, count in queries:
+                add_queries(natural, view, count)
 
-    run_t = torch.tensor(runs, dtype=torch.int64).reshape(-1, 4)  # [Rn, 4]
-    counts = run_t[:, 3]  # [Rn]
-    total = int(counts.sum())
-    if total != qsl[num_reqs] - qsl[0]:
-        raise StaleStepError(f"the rows hold {total} query tokens, query_start_loc says {qsl[num_reqs] - qsl[0]}")
-    starts = torch.cumsum(counts, 0) - counts  # [Rn] first token of each run (every run is non-empty)
-    run_of = torch.zeros(total, dtype=torch.int64)  # [T]; repeat_interleave is far slower on CPU at this size
-    run_of[starts[1:]] = 1
-    run_of = torch.cumsum(run_of, 0)  # [T] the run of each query token
-    within = torch.arange(total) - starts[run_of]  # [T] index inside its run
-    query_pos = run_t[run_of, 1:3] + within[:, None]  # [T, 2]
+    if len(query_view) != qsl[num_reqs] - qsl[0]:
+        raise StaleStepError(f"the rows hold {len(query_view)} query tokens, query_start_loc says "
+                             f"{qsl[num_reqs] - qsl[0]}")
     table = SegmentTable(
         segments=torch.tensor(segs, dtype=torch.int32).reshape(-1, 4).to(device),  # [S, 4]
         view_offsets=torch.tensor(offsets, dtype=torch.int32).to(device),  # [V + 1]
-        query_view=run_t[run_of, 0].int().to(device),  # [T]
-        query_pos=query_pos.int().to(device),  # [T, 2]
+        query_view=torch.tensor(query_view, dtype=torch.int32).to(device),  # [T]
+        query_pos=torch.tensor([naturals, view_pos], dtype=torch.int32).T.contiguous().to(device),  # [T, 2]
     )
     if not extra:
         return table, block_table

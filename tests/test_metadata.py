@@ -332,8 +332,14 @@ def test_payload_pickles_small() -> None:
     rows = plan_rows(state, names)
     meta = HogwildStepMeta(rows, {"1-abcdef::prompt": tuple(range(3))}, {"1-abcdef::w0": (65, 50, 58)})
     data = pickle.dumps(meta)
-    assert pickle.loads(data) == meta
-    assert len(data) < 4000, len(data)
+    back = pickle.loads(data)
+    assert back == meta
+    for plan in back.rows.values():  # the compact wire form comes back as the named types
+        assert type(plan) is RowPlan and all(type(v) is RowView for v in plan.views)
+        assert all(type(s) is Seg for v in plan.views for s in v.segments)
+        assert all(type(q) is QueryRun for v in plan.views for q in v.queries)
+        assert plan.num_queries == meta.rows[plan.request_id].num_queries
+    assert len(data) < 2500, len(data)
     chunk = plan_rows(make_state("contiguous", 1), {PROMPT: "p", GLUE: "p", 0: "w0"}, pass0_chunk=(0, PROMPT_LEN))
     assert len(pickle.dumps(HogwildStepMeta(chunk))) < 500  # a prompt chunk is one query run, whatever its size
 
