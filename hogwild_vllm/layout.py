@@ -255,11 +255,18 @@ class GroupState:
         log.step_text += "".join(texts)
 
     def _ends_step(self, step_text: str, token_text: str) -> bool:
-        cut = token_text.find(self.tpl.step_separator)
-        if cut < 0:
-            return False
-        before = (step_text + token_text[:cut]).rstrip(" \t")
-        return bool(before) and before[-1] in self.tpl.sentence_end
+        """Whether this token completes a separator that follows sentence punctuation (spaces and tabs between
+        them allowed). The separator may lie inside the token or begin in earlier tokens of the step ("\n" then
+        "\n"): only an occurrence whose last character is this token's counts, so a step ends exactly once."""
+        sep = self.tpl.step_separator
+        text = step_text + token_text
+        at = text.find(sep, max(len(step_text) - len(sep) + 1, 0))
+        while at >= 0:
+            before = text[:at].rstrip(" \t")
+            if before and before[-1] in self.tpl.sentence_end:
+                return True
+            at = text.find(sep, at + 1)
+        return False
 
     def _finish(self, reason: str) -> None:
         self.finished = True

@@ -42,7 +42,7 @@ class CharCodec:
 class MergeCodec(CharCodec):
     """Characters plus a few merged tokens (ids above the unicode range); encode is greedy longest match."""
 
-    MERGES = ("\n\n", ".\n\n", "?\n\n", "!\n\n", " \n\n", "\t\n\n", "x.\n\nY", "\\boxed{")
+    MERGES = ("\n\n", ".\n\n", "?\n\n", "!\n\n", " \n\n", "\t\n\n", "x.\n\nY", "\\boxed{", ".\n")
     BASE = 0x110000
 
     def encode(self, text: str) -> list[int]:
@@ -259,8 +259,13 @@ class TestContiguous:
     (["a", "\n\n"], False),  # no punctuation
     (["a", ",", "\n\n"], False),
     (["a", " \n\n"], False),
-    (["a", ".", "\n", "\n"], False),  # the separator split over two tokens: no token contains it
-    (["a", ".", "\n", "\n\n"], False),  # a newline between the punctuation and the separator
+    (["a", ".", "\n", "\n"], True),  # the separator split over two tokens: the second one completes it
+    (["a", ".\n", "\n"], True),
+    (["a", ".", " ", "\n", "\n"], True),
+    (["a", "\n", "\n"], False),
+    (["a", ".", "\n", "\n\n"], True),  # "\n" + the first "\n" of the token complete it
+    (["a", ",", "\n", "\n\n"], False),
+    (["a", ".", "\n", "b", "\n"], False),  # text between the newlines
     (["x.\n\nY"], True),  # separator inside a token; the text after it stays in the ended step
 ])
 def test_step_rule(pieces: list[str], ends: bool) -> None:
@@ -285,10 +290,11 @@ def test_step_rule_reads_forced_text() -> None:
 
 
 def test_step_rule_char_codec() -> None:
-    # One token per character: the two-character separator never fits in one token.
+    # One token per character: the separator always spans two tokens, and the second one ends the step.
     st_ = make("combined", 1, codec=CHAR)
-    run(st_, [[c] for c in "ab.\n\ncd!\n\n"])
-    assert st_.history == []
+    run(st_, [[c] for c in "ab.\n\ncd!\n\ne\n\n"])
+    assert st_.history == [(0, 0, 8), (0, 8, 16)]
+    assert text_of(st_, 0) == "A1:ab.\n\nA2:cd!\n\nA3:e\n\n"
     # A one-character separator works with it.
     tpl = Templates(intro="{name}1:", step_header="{name}{step}:", step_separator="|", sentence_end=";")
     st_ = make("combined", 1, codec=CHAR, templates=tpl)
@@ -488,11 +494,8 @@ class Oracle:
         o.forced += [True] * len(ids)
 
     def ends_step(self, o: OWorker, tok_text: str) -> bool:
-        sep = self.tpl.step_separator
-        if self.cfg.layout is Layout.CONTIGUOUS or sep not in tok_text:
-            return False
-        before = ("".join(o.texts[o.step_start:]) + tok_text.split(sep, 1)[0]).rstrip(" \t")
-        return before != "" and before[-1] in self.tpl.sentence_end
+        return self.cfg.layout is not Layout.CONTIGUOUS and step_rule(self.tpl, "".join(o.texts[o.step_start:]),
+                                                                         tok_text)
 
     def sample(self, ids: list[int]) -> None:
         assert self.reason is None
@@ -565,7 +568,7 @@ class Oracle:
 
 # Token texts for random scripts; repeats make step endings common.
 PIECES = ("a", "b", " ", ".", "?", "!", ",", "\n", "\t", "{", "\n\n", ".\n\n", "?\n\n", "!\n\n", " \n\n", "\t\n\n",
-          "x.\n\nY", "\\boxed{") + ("a", "a", ".", "\n\n", "\n\n", ".\n\n")
+          "x.\n\nY", "\\boxed{", ".\n") + ("a", "a", ".", "\n", "\n\n", "\n\n", ".\n\n")
 TEMPLATE_SETS = (
     SHORT,
     Templates(),
@@ -599,11 +602,14 @@ def scenarios(draw: st.DrawFn) -> dict:
 
 
 def step_rule(tpl: Templates, before: str, tok_text: str) -> bool:
-    sep = tpl.step_separator
-    if sep not in tok_text:
-        return False
-    head = (before + tok_text[: tok_text.index(sep)]).rstrip(" \t")
-    return bool(head) and head[-1] in tpl.sentence_end
+    """The spec's rule, character by character: some separator ends inside this token, after punctuation."""
+    sep, text = tpl.step_separator, before + tok_text
+    for end in range(len(before) + 1, len(text) + 1):
+        if text[:end].endswith(sep):
+            head = text[: end - len(sep)].rstrip(" \t")
+            if head and head[-1] in tpl.sentence_end:
+                return True
+    return False
 
 
 def check_views(state: GroupState, oracle: Oracle) -> None:
