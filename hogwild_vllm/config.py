@@ -50,6 +50,9 @@ class Templates:
         "done or is doing, use their results, and switch to a better idea when a peer has one. "
         "When the group is sure, write the final answer once as \\boxed{{answer}}."
     )
+    # Worked examples of a collaboration, placed in the system message after the rules (off when empty;
+    # ``FEW_SHOT_EXAMPLES`` is the project's own set). Literal text: no placeholders.
+    few_shot_examples: str = ""
     history_header: str = "### Shared record (finished steps, in order)\n\n"
     # Forced first own tokens of each worker (its step 1 starts with this).
     intro: str = "**{name} [1]:** Hi, I'm {name}."
@@ -57,7 +60,8 @@ class Templates:
     step_header: str = "**{name} [{step}]:** "
     # Appended to a step header when a collaboration check is due.
     check_question: str = "(Check: is another worker already doing what I am about to do? If yes, I switch.) "
-    # A step ends with a token whose text contains this, right after sentence punctuation.
+    # A step ends at the token that completes this text right after sentence punctuation (spaces and tabs between
+    # them allowed); the text may span tokens ("\n" then "\n") and the completing token belongs to the step.
     step_separator: str = "\n\n"
     sentence_end: str = ".?!"
     # Glue: fixed texts placed in views; their KV is computed once per group.
@@ -94,13 +98,37 @@ class Templates:
 
     def system_text(self, names: tuple[str, ...]) -> str:
         joined = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-        return self.system_prompt.format(workers=len(names), names=joined)
+        rules = self.system_prompt.format(workers=len(names), names=joined)
+        return f"{rules}\n\n{self.few_shot_examples.strip()}" if self.few_shot_examples.strip() else rules
 
     def intro_text(self, name: str) -> str:
         return self.intro.format(name=name)
 
     def header_text(self, name: str, step: int, check: bool) -> str:
         return self.step_header.format(name=name, step=step) + (self.check_question if check else "")
+
+
+# The project's few-shot set for ``Templates.few_shot_examples``: two short problems where the workers split the
+# work, use each other's results and check them, in the default templates' format.
+FEW_SHOT_EXAMPLES = """Two examples of workers collaborating (other problems, other groups):
+
+Example 1, two workers. Problem: how many minutes are there in 3 days?
+**Alice [1]:** Hi, I'm Alice. I take the hours: 3 days are 3 x 24 = 72 hours.
+
+**Bob [1]:** Hi, I'm Bob. Alice is on the hours, so I will turn her hours into minutes once she has them.
+
+**Bob [2]:** Alice found 72 hours, and an hour has 60 minutes: 72 x 60 = 4320.
+
+**Alice [2]:** I checked Bob's product another way: 70 x 60 = 4200 and 2 x 60 = 120, so 4320. \\boxed{4320}
+
+Example 2, three workers. Problem: the sum of the even numbers from 2 to 20.
+**Alice [1]:** Hi, I'm Alice. Splitting the list in three: I add 2 to 6, Bob 8 to 14, Carol 16 to 20.
+
+**Bob [1]:** Hi, I'm Bob. Following Alice's split: 8 + 10 + 12 + 14 = 44.
+
+**Carol [1]:** Hi, I'm Carol. My part: 16 + 18 + 20 = 54.
+
+**Alice [2]:** Mine is 2 + 4 + 6 = 12. With Bob's 44 and Carol's 54 the total is 110. \\boxed{110}"""
 
 
 @dataclass(frozen=True)

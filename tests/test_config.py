@@ -8,6 +8,7 @@ import pytest
 
 from hogwild_vllm.config import (
     DEFAULT_WORKER_NAMES,
+    FEW_SHOT_EXAMPLES,
     MAX_WORKERS,
     GroupConfig,
     HogwildConfigError,
@@ -87,6 +88,37 @@ def test_templates_texts() -> None:
     assert "3 workers (Alice, Bob and Carol)" in t.system_text(("Alice", "Bob", "Carol"))
     assert "1 workers (Alice)" in t.system_text(("Alice",))
     assert "\\boxed{answer}" in t.system_text(("Alice", "Bob"))  # the doubled braces are a literal
+
+
+def test_few_shot_examples_are_off_by_default_and_follow_the_rules_when_set() -> None:
+    names = ("Alice", "Bob")
+    plain = Templates().system_text(names)
+    assert "Example" not in plain and Templates().few_shot_examples == ""
+    shot = Templates(few_shot_examples=FEW_SHOT_EXAMPLES)
+    assert shot.system_text(names) == plain + "\n\n" + FEW_SHOT_EXAMPLES  # after the rules, taken literally
+    assert Templates(few_shot_examples="  \n").system_text(names) == plain  # blank: off
+    cfg = GroupConfig.from_dict({"templates": {"few_shot_examples": "Ex: {not a placeholder}"}})
+    assert cfg.templates.system_text(names).endswith("\n\nEx: {not a placeholder}")
+    assert GroupConfig.from_dict(cfg.to_dict()) == cfg
+    assert "few_shot_examples" in _error({"templates": {"few_shot_examples": 3}})
+
+
+def test_project_examples_use_the_default_templates() -> None:
+    """The examples show workers what their own steps will look like: the default intro and step headers, steps
+    cut by the default separator after punctuation, and the default answer marker."""
+    tpl = Templates()
+    for block in FEW_SHOT_EXAMPLES.split("\n\nExample ")[1:]:
+        steps = block.split("\n", 1)[1].split(tpl.step_separator)
+        seen: dict[str, int] = {}
+        for step in steps:
+            name = step[2:step.index(" [")]
+            seen[name] = seen.get(name, 0) + 1
+            if seen[name] == 1:
+                assert step.startswith(tpl.intro_text(name)), step
+            else:
+                assert step.startswith(tpl.header_text(name, seen[name], check=False)), step
+            assert step.rstrip()[-1] in tpl.sentence_end + "}", step
+        assert tpl.answer_marker in steps[-1]
 
 
 # ---- errors name the option -----------------------------------------------------------------------------------
