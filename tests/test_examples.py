@@ -1,10 +1,12 @@
 """The examples as users run them (subprocesses, real vLLM engine): the offline example's ``--json`` fields, vLLM
-equal to the reference engine through the example, and the batch example over a problems file."""
+equal to the reference engine through the example (tiny model, greedy), the demo's default run on the real model
+(quiet: the transcript and nothing else), and the batch example over a problems file."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +21,7 @@ EXAMPLES = Path(__file__).parent.parent / "examples"
 
 
 def run(script: str, *args: str) -> subprocess.CompletedProcess:
-    build_tiny_model("qwen2")  # the examples' default model, built once in this process
+    build_tiny_model("qwen2")  # the model of `--model tiny`, built once in this process
     proc = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True, text=True,
                           timeout=900, env=dict(os.environ, **ENGINE_ENV))
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -27,7 +29,9 @@ def run(script: str, *args: str) -> subprocess.CompletedProcess:
 
 
 def test_offline_example_json_vllm_equals_reference():
-    common = ["--workers", "3", "--layout", "combined", "--max-tokens", "48", "--json"]
+    # 128 tokens: room for the tiny model's \boxed{} also when its "\n" "\n" pairs end steps (more headers).
+    common = ["--model", "tiny", "--temperature", "0", "--workers", "3", "--layout", "combined", "--max-tokens", "128",
+              "--json"]
     got = json.loads(run("offline_generate.py", *common).stdout)
     ref = json.loads(run("offline_generate.py", *common, "--engine", "reference").stdout)
     for key in ("model", "prompt_token_ids", "banned_token_ids", "workers", "transcript", "answer"):
@@ -38,8 +42,25 @@ def test_offline_example_json_vllm_equals_reference():
         assert len(w["forced"]) == len(w["token_ids"]) and w["forced"][0] is True
     for key in ("prompt_token_ids", "banned_token_ids", "workers", "transcript", "answer", "finish_reason"):
         assert got[key] == ref[key], key
-    # The default answer marker: the tiny model writes a \boxed{...} early, which stops the whole group.
+    # The default answer marker: the tiny model writes a \boxed{...}, which stops the whole group.
     assert got["finish_reason"] == "answer" and got["answer"] is not None and got["answer_worker"] is not None
+
+
+@pytest.mark.real_model
+def test_demo_default_runs_a_group_on_the_real_model_quietly(smollm2_path):
+    """What `make demo` runs (shorter): SmolLM2-135M-Instruct, two workers, a readable transcript on stdout and no
+    engine output at all (logs, warnings, progress bars) without --verbose."""
+    proc = run("offline_generate.py", "--max-tokens", "40")
+    assert proc.stderr == ""
+    out = proc.stdout
+    assert out.startswith(f"model: {smollm2_path}\nlayout: combined, workers: 2\n")
+    transcript = out.split("=== transcript ===\n", 1)[1].split("=== answer ===", 1)[0]
+    for intro in ("**Alice [1]:** Hi, I'm Alice.", "**Bob [1]:** Hi, I'm Bob."):
+        assert intro in transcript
+    sampled = transcript.replace("**Alice [1]:** Hi, I'm Alice.", "").replace("**Bob [1]:** Hi, I'm Bob.", "")
+    assert len(re.findall(r"[A-Za-z0-9]+", sampled)) >= 10, transcript  # the model wrote something
+    assert "\nfinish: " in out and "forward passes" in out
+    assert not re.search(r"\b(INFO|WARNING|DEBUG)\b|Loading safetensors|it/s\]", out)
 
 
 def test_offline_example_rejects_bad_options():
