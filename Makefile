@@ -3,7 +3,7 @@
 #
 #   make setup        create/refresh the venv (.venv, or $HOGWILD_VENV) and build the extension
 #   make test         the test suite (extra pytest arguments: make test PYTEST_ARGS="-k rope -x")
-#   make demo         examples/offline_generate.py on a tiny local model
+#   make demo         examples/offline_generate.py: a group of two workers on SmolLM2-135M-Instruct (--verbose: logs)
 #   make lint         ruff + mypy
 #   make bench        every benchmarks/bench_*.py, then benchmarks/throughput.py (the full set takes long: one
 #                     script with `make bench BENCHES=benchmarks/bench_attention.py`); results under results/
