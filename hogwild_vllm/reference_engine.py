@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -146,45 +146,72 @@ class ReferenceEngine:
             if problem is None:
                 raise ValueError("give a problem or prompt_ids")
             prompt_ids = build_prompt_ids(self.tokenizer, problem, cfg)
-        prompt = list(prompt_ids)
-        state = GroupState(cfg, len(prompt), self.codec)
-        banned = banned_token_ids(self.tokenizer, cfg, self.eos_ids)
-        kv = self._new_cache(cfg, len(prompt), len(state.glue_tokens))
-        rows = {PROMPT: kv.add_row(), GLUE: kv.add_row()}
-        rows.update({w: kv.add_row() for w in range(cfg.workers)})
-        gen = torch.Generator().manual_seed(seed)
+        return self._run([_Group(self, list(prompt_ids), cfg, seed, 0)], temperature, top_p, record, progress)[0]
 
-        # Pass 0: the prompt (causal) and the glue pieces (each after the prompt).
-        views = [[Segment(PROMPT, 0, len(prompt), 0)]] + [v for v, _ in state.glue_views()]
-        queries = [[Query(i, i) for i in range(len(prompt))]] + [q for _, q in state.glue_views()]
-        tokens = prompt + state.glue_tokens
-        sources = [PROMPT] * len(prompt) + [GLUE] * len(state.glue_tokens)
+    def generate_many(self, prompts: Sequence[Sequence[int]], cfgs: Sequence[GroupConfig], *,
+                      temperature: float = 0.0, top_p: float = 1.0, seeds: Sequence[int] | None = None,
+                      ) -> list[GroupOutput]:
+        """Several groups in lockstep: every pass feeds all running groups' tokens in one forward, so the weights
+        are read once for all of them. Each group reads only its own rows (its own prompt, glue and workers);
+        its result is what :meth:`generate` gives it alone, up to the order of float reductions."""
+        if len(prompts) != len(cfgs) or (seeds is not None and len(seeds) != len(cfgs)):
+            raise ValueError("give one prompt (and one seed, if any) per group config")
+        groups = [_Group(self, list(p), c, seeds[g] if seeds is not None else 0, g)
+                  for g, (p, c) in enumerate(zip(prompts, cfgs, strict=True))]
+        return self._run(groups, temperature, top_p, None, False)
+
+    def _run(self, groups: list[_Group], temperature: float, top_p: float, record: list[PassRecord] | None,
+             progress: bool) -> list[GroupOutput]:
+        kv = self._new_cache([(g.cfg, len(g.prompt), len(g.state.glue_tokens)) for g in groups])
+        rows: dict[int, int] = {}
+        for g in groups:
+            for source in (PROMPT, GLUE, *range(g.cfg.workers)):
+                rows[g.source(source)] = kv.add_row()
+
+        # Pass 0: each prompt (causal) and its glue pieces (each after the prompt).
+        views, queries, tokens, sources = [], [], [], []
+        for g in groups:
+            glue = g.state.glue_views()
+            views += [g.segments([Segment(PROMPT, 0, len(g.prompt), 0)])] + [g.segments(v) for v, _ in glue]
+            queries += [[Query(i, i) for i in range(len(g.prompt))]] + [q for _, q in glue]
+            tokens += g.prompt + g.state.glue_tokens
+            sources += [g.source(PROMPT)] * len(g.prompt) + [g.source(GLUE)] * len(g.state.glue_tokens)
         self._forward(kv, rows, tokens, sources, views, queries)
-        passes = 1
-        bar = tqdm(total=cfg.max_tokens, desc="hogwild group", unit="tok", disable=not progress)
-        while not state.finished:
-            plans = state.plan_pass()
-            tokens, sources = [], []
-            for w, plan in enumerate(plans):
-                tokens += plan.tokens
-                sources += [w] * len(plan.tokens)
-            logits_all, rec = self._forward(kv, rows, tokens, sources, [p.segments for p in plans],
-                                            [p.queries for p in plans], keep_tables=record is not None)
-            last = torch.tensor(_last_indices([len(p.tokens) for p in plans]))
-            logits = logits_all[last].float()  # [N, vocab]
-            logits[:, banned] = float("-inf")
-            sampled = sample(logits, temperature, top_p, gen)
-            if record is not None and rec is not None:
-                record.append(PassRecord(logits, *rec, tokens=sampled))
-            state.mark_fed()
-            state.on_sampled(sampled)
-            passes += 1
-            bar.update(max(len(log.tokens) for log in state.workers) - bar.n)
+        bar = tqdm(total=max(g.cfg.max_tokens for g in groups), desc="hogwild group", unit="tok",
+                   disable=not progress)
+        while running := [g for g in groups if not g.state.finished]:
+            views, queries, tokens, sources, fed = [], [], [], [], []
+            for g in running:
+                for w, plan in enumerate(g.state.plan_pass()):
+                    views.append(g.segments(plan.segments))
+                    queries.append(plan.queries)
+                    tokens += plan.tokens
+                    sources += [g.source(w)] * len(plan.tokens)
+                    fed.append(len(plan.tokens))
+            logits_all, rec = self._forward(kv, rows, tokens, sources, views, queries,
+                                            keep_tables=record is not None)
+            logits = logits_all[torch.tensor(_last_indices(fed))].float()  # [workers of running groups, vocab]
+            at = 0
+            for g in running:
+                mine = logits[at: at + g.cfg.workers]
+                at += g.cfg.workers
+                mine[:, g.banned] = float("-inf")
+                sampled = sample(mine, temperature, top_p, g.gen)
+                if record is not None and rec is not None:
+                    record.append(PassRecord(mine, *rec, tokens=sampled))
+                g.state.mark_fed()
+                g.state.on_sampled(sampled)
+                g.passes += 1
+            bar.update(max(len(log.tokens) for g in groups for log in g.state.workers) - bar.n)
         bar.close()
-        out = group_output(state, prompt, banned, passes, kv.used_blocks)
-        if cfg.finisher and state.answer is None:
-            self._finish(out, cfg)
-        return out
+        outs = []
+        for g in groups:
+            blocks = sum(len(kv.rows[rows[g.source(s)]]) for s in (PROMPT, GLUE, *range(g.cfg.workers)))
+            out = group_output(g.state, g.prompt, g.banned, g.passes, blocks)
+            if g.cfg.finisher and g.state.answer is None:
+                self._finish(out, g.cfg)
+            outs.append(out)
+        return outs
 
     def _finish(self, out: GroupOutput, cfg: GroupConfig) -> None:
         """One greedy generation over prompt + transcript + finisher suffix; the answer is its balanced {...}."""
@@ -201,7 +228,7 @@ class ReferenceEngine:
                        stop_text: Callable[[str], Any] | None = None, banned: Sequence[int] = ()) -> list[int]:
         """Ordinary greedy decoding of one sequence through the same paged attention (one segment)."""
         ids = list(ids)
-        kv = self._new_cache(None, len(ids) + max_new, 0)
+        kv = self._new_cache([(None, len(ids) + max_new, 0)])
         rows = {0: kv.add_row()}
         new: list[int] = []
         fed = 0
@@ -221,14 +248,17 @@ class ReferenceEngine:
         return new
 
     # ---- machinery -------------------------------------------------------------------------------------------
-    def _new_cache(self, cfg: GroupConfig | None, prompt_len: int, glue_len: int) -> PagedKV:
+    def _new_cache(self, groups: Sequence[tuple[GroupConfig | None, int, int]]) -> PagedKV:
+        """Blocks for every (config or None for a plain sequence, prompt length, glue length)."""
         c = self.config
         heads = c.num_attention_heads
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // heads
         kv_heads = getattr(c, "num_key_value_heads", None) or heads
-        per_row = prompt_len + glue_len + (cfg.max_tokens + 256 if cfg else 0)
-        rows = 1 + (2 + cfg.workers if cfg else 0)
-        blocks = rows * (per_row // self.block_size + 2)
+        blocks = 0
+        for cfg, prompt_len, glue_len in groups:
+            per_row = prompt_len + glue_len + (cfg.max_tokens + 256 if cfg else 0)
+            rows = 1 + (2 + cfg.workers if cfg else 0)
+            blocks += rows * (per_row // self.block_size + 2)
         return PagedKV(c.num_hidden_layers, blocks, self.block_size, kv_heads, head_dim, self.dtype)
 
     @torch.no_grad()
@@ -248,6 +278,26 @@ class ReferenceEngine:
         with _running(p):
             logits = self.model(input_ids=input_ids, position_ids=positions, use_cache=False).logits[0]
         return logits, ((table, block_tables, p.slots) if keep_tables else None)
+
+
+class _Group:
+    """One group of a run: its state, prompt, banned ids and sampler, and its sources' ids in the shared cache."""
+
+    SOURCES = 64  # source ids per group in the shared cache's row map (PROMPT, GLUE and up to 16 workers fit)
+
+    def __init__(self, engine: ReferenceEngine, prompt: list[int], cfg: GroupConfig, seed: int, index: int) -> None:
+        self.prompt, self.cfg, self.index = prompt, cfg, index
+        self.state = GroupState(cfg, len(prompt), engine.codec)
+        self.banned = banned_token_ids(engine.tokenizer, cfg, engine.eos_ids)
+        self.gen = torch.Generator().manual_seed(seed)
+        self.passes = 1  # pass 0 computes the prompt and the glue
+
+    def source(self, source: int) -> int:
+        """This group's layout source id as an id of the shared row map."""
+        return self.index * self.SOURCES + source
+
+    def segments(self, segments: Sequence[Segment]) -> list[Segment]:
+        return [replace(s, source=self.source(s.source)) for s in segments]
 
 
 def sample(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> list[int]:

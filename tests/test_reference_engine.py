@@ -96,6 +96,22 @@ def test_logits_equal_dense_views(engines, layout, workers):
             assert len(rows) >= workers, rows  # prompt row + every worker's row (+ glue row)
 
 
+def test_groups_in_lockstep_equal_each_group_alone(engines):
+    """generate_many feeds several groups per forward pass; each reads only its own rows."""
+    paged, _ = engines
+    cfgs = [GroupConfig(workers=2, layout=Layout.COMBINED, max_tokens=40, templates=STEPPY),
+            GroupConfig(workers=3, layout=Layout.INTERLEAVED, max_tokens=24, templates=STEPPY),
+            GroupConfig(workers=1, layout=Layout.CONTIGUOUS, max_tokens=32, templates=NO_ANSWER)]
+    prompts = [paged.codec.encode(f"Problem {k}: what is {k} + 4?") for k in range(3)]
+    together = paged.generate_many(prompts, cfgs, temperature=0.8, seeds=[5, 6, 7])
+    for prompt, cfg, seed, got in zip(prompts, cfgs, [5, 6, 7], together, strict=True):
+        alone = paged.generate(prompt_ids=prompt, cfg=cfg, temperature=0.8, seed=seed)
+        assert [w.token_ids for w in got.workers] == [w.token_ids for w in alone.workers]
+        assert got.usage == alone.usage and got.transcript == alone.transcript
+    with pytest.raises(ValueError, match="one prompt"):
+        paged.generate_many(prompts[:2], cfgs)
+
+
 def test_sampling_is_seeded(engines):
     paged, _ = engines
     cfg = GroupConfig(workers=2, max_tokens=24, templates=NO_ANSWER)
