@@ -8,11 +8,10 @@ separator (steps commit often) and the groups run to their budget.
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import pytest
-from vllm_scripts.launch import Script
+from vllm_scripts.launch import GroupBatches
 
 from hogwild_vllm.config import GroupConfig
 from hogwild_vllm.prompt import HFCodec, banned_token_ids, build_prompt_ids
@@ -77,17 +76,13 @@ class Runs:
             [self.too_long, self.plain[0]],  # 4
             *[[g] for g in self.mixed],  # 5, ...: each mixed group alone
         ]
-        spec = tmp_path_factory.mktemp("groups") / "spec.json"
-        spec.write_text(json.dumps({"model": self.model, "batches": batches}))
-        script = Script("group_generate.py", str(spec))
+        self.engine = GroupBatches(tmp_path_factory.mktemp("groups"), self.model, batches)
         self.reference = [reference.generate(prompt_ids=g["prompt_token_ids"], cfg=GroupConfig.from_dict(g["hogwild"]))
                           for g in [*self.groups, self.finisher, self.checks]]
-        self.batches = script.result(timeout=1800)["batches"]
+        self.engine.wait()
 
     def outputs(self, batch: int) -> list[dict[str, Any]]:
-        got = self.batches[batch]
-        assert "outputs" in got, got
-        return got["outputs"]
+        return self.engine.outputs(batch)
 
 
 @pytest.fixture(scope="module")

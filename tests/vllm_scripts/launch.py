@@ -62,3 +62,22 @@ class Script:
 
 def run_script(name: str, *args: str, timeout: int = 900, env: dict[str, str] | None = None) -> dict:
     return Script(name, *args, env=env).result(timeout)
+
+
+class GroupBatches:
+    """``group_generate.py`` over ``batches`` (one ``LLM.generate`` each; items as that script documents), started
+    at once; ``wait()`` collects the results, ``outputs(i)`` is batch i's per item (asserting it did not raise)."""
+
+    def __init__(self, folder: Path, model: str, batches: list[list[dict]], engine: dict | None = None) -> None:
+        spec = folder / "spec.json"
+        spec.write_text(json.dumps({"model": model, "engine": engine or {}, "batches": batches}))
+        self.script = Script("group_generate.py", str(spec))
+        self.batches: list[dict] = []
+
+    def wait(self, timeout: int = 1800) -> None:
+        self.batches = self.script.result(timeout=timeout)["batches"]
+
+    def outputs(self, batch: int) -> list[dict]:
+        got = self.batches[batch]
+        assert "outputs" in got, got
+        return got["outputs"]
