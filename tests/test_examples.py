@@ -50,7 +50,7 @@ def test_offline_example_json_vllm_equals_reference():
 def test_demo_default_runs_a_group_on_the_real_model_quietly(smollm2_path):
     """What `make demo` runs (shorter): SmolLM2-135M-Instruct, two workers, a readable transcript on stdout and no
     engine output at all (logs, warnings, progress bars) without --verbose."""
-    proc = run("offline_generate.py", "--max-tokens", "40")
+    proc = run("offline_generate.py", "--max-tokens", "64")
     assert proc.stderr == ""
     out = proc.stdout
     assert out.startswith(f"model: {smollm2_path}\nlayout: combined, workers: 2\n")
@@ -59,6 +59,7 @@ def test_demo_default_runs_a_group_on_the_real_model_quietly(smollm2_path):
         assert intro in transcript
     sampled = transcript.replace("**Alice [1]:** Hi, I'm Alice.", "").replace("**Bob [1]:** Hi, I'm Bob.", "")
     assert len(re.findall(r"[A-Za-z0-9]+", sampled)) >= 10, transcript  # the model wrote something
+    assert re.search(r"\*\*(Alice|Bob) \[[2-9]\]:\*\*", transcript), transcript  # and committed a step
     assert "\nfinish: " in out and "forward passes" in out
     assert not re.search(r"\b(INFO|WARNING|DEBUG)\b|Loading safetensors|it/s\]", out)
 
