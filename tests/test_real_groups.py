@@ -22,7 +22,7 @@ from hogwild_vllm.config import GroupConfig, Layout
 from hogwild_vllm.ops import hogwild_attention
 from hogwild_vllm.prompt import HFCodec, banned_token_ids, build_prompt_ids
 
-pytestmark = [pytest.mark.real_model, pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.real_model, pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(1800)]
 
 MAX_TOKENS = 256
 CASES = [(n, layout) for n in (2, 4) for layout in Layout]

@@ -17,7 +17,7 @@ from hogwild_vllm.config import GroupConfig
 from hogwild_vllm.prompt import HFCodec, banned_token_ids, build_prompt_ids
 from hogwild_vllm.testing.tiny_models import build_tiny_model
 
-pytestmark = [pytest.mark.engine, pytest.mark.slow]
+pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(1800)]  # the fixture runs both engines
 
 LAYOUTS = ("combined", "interleaved", "contiguous")
 WORKERS = (1, 2, 3, 4)
@@ -77,8 +77,9 @@ class Runs:
             *[[g] for g in self.mixed],  # 5, ...: each mixed group alone
         ]
         self.engine = GroupBatches(tmp_path_factory.mktemp("groups"), self.model, batches)
-        self.reference = [reference.generate(prompt_ids=g["prompt_token_ids"], cfg=GroupConfig.from_dict(g["hogwild"]))
-                          for g in [*self.groups, self.finisher, self.checks]]
+        ref_groups = [*self.groups, self.finisher, self.checks]  # in lockstep: one reference pass for all
+        self.reference = reference.generate_many([g["prompt_token_ids"] for g in ref_groups],
+                                                 [GroupConfig.from_dict(g["hogwild"]) for g in ref_groups])
         self.engine.wait()
 
     def outputs(self, batch: int) -> list[dict[str, Any]]:
