@@ -40,8 +40,9 @@ def v1_runner_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("VLLM_USE_V2_MODEL_RUNNER", raising=False)
 
 
-def make_scheduler(model: str, num_blocks: int, batched: int = 256, seqs: int = 8) -> HogwildScheduler:
-    args = EngineArgs(model=model, dtype="float32", max_model_len=512, block_size=BLOCK, max_num_seqs=seqs,
+def make_scheduler(model: str, num_blocks: int, batched: int = 256, seqs: int = 8,
+                   max_model_len: int = 512) -> HogwildScheduler:
+    args = EngineArgs(model=model, dtype="float32", max_model_len=max_model_len, block_size=BLOCK, max_num_seqs=seqs,
                       max_num_batched_tokens=batched, additional_config={"hogwild": {}},
                       enable_prefix_caching=False)  # the plain requests here have no block hasher
     config = args.create_engine_config()
@@ -168,7 +169,7 @@ def test_group_waits_for_blocks_and_plain_requests_do_not_jump_the_queue(tiny):
 
 @pytest.mark.parametrize("steps", [0, 1, 6, 30])
 def test_abort_at_any_stage_frees_every_block(tiny, steps):
-    sched = make_scheduler(tiny, num_blocks=200, batched=160)
+    sched = make_scheduler(tiny, num_blocks=200, batched=160, max_model_len=1024)  # a view holds all 3 budgets
     pool = sched.kv_cache_manager.block_pool
     free0 = pool.get_num_free_blocks()
     prompt = prompt_ids(sched, "Think about it. " * 50)

@@ -22,6 +22,7 @@ pytestmark = [pytest.mark.engine, pytest.mark.slow, pytest.mark.timeout(1800)]  
 LAYOUTS = ("combined", "interleaved", "contiguous")
 WORKERS = (1, 2, 3, 4)
 MAX_TOKENS = 256
+MAX_MODEL_LEN = 2048  # a worker's view holds every worker's tokens: 4 x 256 plus prompt and headers
 TEMPLATES = {"step_separator": "\n", "answer_marker": "ANSWER{", "finisher_suffix": "\nSo the final ANSWER{"}
 PLAIN = ["Hello there. We start", "The sum of 3 and 4 is", "**Bob [2]:** we", "x" * 120]
 MIXED = ((2, "combined", {}), (3, "interleaved", {}), (4, "contiguous", {}),
@@ -67,7 +68,7 @@ class Runs:
         # Collaboration checks due every 48 generated tokens, custom worker names.
         self.checks = group_item(3, "combined", "Check each other.", max_tokens=128, collab_check_every=48,
                                  worker_names=["Ann", "Ben", "Cid"])
-        self.too_long = group_item(2, "combined", "Too long.", max_tokens=2000)
+        self.too_long = group_item(2, "combined", "Too long.", max_tokens=MAX_MODEL_LEN)
         batches = [
             self.groups + self.plain + [self.finisher, self.checks],  # 0: everything at once
             self.plain,  # 1
@@ -76,7 +77,8 @@ class Runs:
             [self.too_long, self.plain[0]],  # 4
             *[[g] for g in self.mixed],  # 5, ...: each mixed group alone
         ]
-        self.engine = GroupBatches(tmp_path_factory.mktemp("groups"), self.model, batches)
+        self.engine = GroupBatches(tmp_path_factory.mktemp("groups"), self.model, batches,
+                                   {"max_model_len": MAX_MODEL_LEN})
         ref_groups = [*self.groups, self.finisher, self.checks]  # in lockstep: one reference pass for all
         self.reference = reference.generate_many([g["prompt_token_ids"] for g in ref_groups],
                                                  [GroupConfig.from_dict(g["hogwild"]) for g in ref_groups])
@@ -183,5 +185,5 @@ def test_group_too_long_for_the_engine_gets_an_error_output(runs: Runs):
     bad, plain = runs.outputs(4)
     assert bad["finish_reason"] == "error" and bad["token_ids"] == []
     message = bad["kv_transfer_params"]["hogwild"]["error"]
-    assert "exceeds max_model_len 1024" in message
+    assert f"exceeds max_model_len {MAX_MODEL_LEN}" in message
     assert plain["token_ids"] == runs.outputs(1)[0]["token_ids"]
