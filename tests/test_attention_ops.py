@@ -1,6 +1,7 @@
 """The compiled position-delta attention op (hogwild_C::hogwild_attention, csrc/cpu) against the fp32 references.
 
-Grids as the reference tests (tests/attention_cases.py): head sizes 64 / 128, GQA 1 / 3 / 4 / 5, block sizes
+Grids as the reference tests (tests/attention_cases.py): head sizes 64 / 128 (and 72-112 for the op's vector
+tails), GQA 1 / 3 / 4 / 5, block sizes
 16 / 32 / 128, 1-8 workers, fp32 / bf16 / fp16, neox / gptj / partial rotary, in a garbage-filled cache with
 shuffled block tables, segments starting and ending mid-block, empty segments and negative deltas. Each case runs
 on two cache packings: dim-contiguous pages and vLLM's CPU packing (keys dim-major inside a page), both as strided
@@ -93,6 +94,24 @@ def test_op_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int
     torch.testing.assert_close(out.float(), want_out, **OUT_TOLERANCES[dtype])
     torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
 
+
+
+# Value sizes that are not a whole number of the op's two-vector value chunks (16 fp32 lanes with AVX-512, 8 with
+# AVX2): 80 and 112 end on a one-vector chunk, 72 is not a whole number of 16-lane vectors (scalar path there).
+@pytest.mark.parametrize("packing", PACKINGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
+@pytest.mark.parametrize("block_size", [16, 128])
+@pytest.mark.parametrize("head_size", [72, 80, 96, 112])
+def test_op_matches_dense_oracle_other_head_sizes(head_size: int, block_size: int, dtype: torch.dtype, packing: str,
+                                                  rng: random.Random) -> None:
+    rope = make_rope("double", "neox", head_size)
+    assert isinstance(rope, TestRope)
+    sc = build_scenario(3, block_size, NUM_KV_HEADS * 3, dtype, rope, rng)
+    scale = head_size**-0.5
+    out, lse = run_op(sc, rope, scale, packing)
+    want_out, want_lse = oracle(sc, rope, scale)
+    torch.testing.assert_close(out.float(), want_out, **OUT_TOLERANCES[dtype])
+    torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
 
 
 @pytest.mark.parametrize("rope_style", list(ROPE_STYLES))

@@ -5,15 +5,16 @@
 // inside one block, for every query head of every token that reads them: each token's heads are rotated by that
 // token's delta for the segment (fp32, pre-scaled), masked to the token's visible prefix, and folded into the
 // token's online softmax. Nothing is written but out and lse. Inner
-// loops are plain fp32 loops over contiguous memory that the compiler vectorizes (keys token-contiguous: over
-// tokens; keys dim-contiguous: over dims; values: over dims). Items run in parallel with at::parallel_for, on the
-// threads the caller's process has (vLLM's CPU worker gives its OpenMP pool its own cores).
+// loops run on fp32 vectors of the widest ISA the build enables (16 lanes with AVX-512, else 8: AVX2 or two SSE
+// registers), over page tokens for keys (vLLM's dim-major pages) and over dims for values. Items run in parallel
+// with at::parallel_for, on the threads the caller's process has (vLLM's CPU worker gives its OpenMP pool its own
+// cores).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#if defined(__AVX2__)
+#if defined(__AVX2__) || defined(__AVX512F__)
 #include <immintrin.h>
 #endif
 #include <atomic>
@@ -32,17 +33,35 @@ namespace {
 using hogwild::HogwildAttentionParams;
 using hogwild::SegmentRow;
 
+#if defined(__AVX512F__)
+constexpr int64_t kLanes = 16;           // fp32 lanes of one vector: an AVX-512 register
+#else
 constexpr int64_t kLanes = 8;            // fp32 lanes of one vector (AVX2 register; two SSE registers without AVX)
+#endif
 constexpr int kRun = 4;                  // vectors of keys scored at once
-constexpr int64_t kChunk = kRun * kLanes;  // one aligned run of 32 page tokens: a 64-byte line of a bf16 key dim
+constexpr int64_t kChunk = kRun * kLanes;  // one aligned run of 32 (64) page tokens of one key dim
 constexpr int64_t kScoreHeads = 3;       // query heads whose scores stay in registers together (3 x 4 vectors)
-constexpr int64_t kValueHeads = 4;       // query heads whose value sums stay in registers together (4 x 2 vectors)
+constexpr int64_t kValueHeads = 4;       // query heads whose value sums stay in registers together
+#if defined(__AVX512F__)
+constexpr int kValueVecs = 4;            // ... over 4 vectors of dims each (32 registers: 16 sums, 4 values)
+#else
+constexpr int kValueVecs = 2;            // ... over 2 vectors of dims each (16 registers: 8 sums, 2 values)
+#endif
 typedef float vfloat __attribute__((vector_size(kLanes * sizeof(float))));
 typedef int32_t vint __attribute__((vector_size(kLanes * sizeof(int32_t))));
 typedef uint16_t vhalfbits __attribute__((vector_size(kLanes * sizeof(uint16_t))));
 typedef uint32_t vbits __attribute__((vector_size(kLanes * sizeof(uint32_t))));
 
-inline vfloat splat(float v) { return vfloat{v, v, v, v, v, v, v, v}; }
+// A broadcast. The portable `vfloat{} + v` costs an add first (0 + v is not v for v = -0).
+inline vfloat splat(float v) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_set1_ps(v));
+#elif defined(__AVX2__)
+  return reinterpret_cast<vfloat>(_mm256_set1_ps(v));
+#else
+  return vfloat{} + v;
+#endif
+}
 
 // kLanes consecutive elements of storage -> fp32 lanes. bf16 is the upper half of an fp32 (a shift).
 inline vfloat load_lanes(const float* src) {
@@ -51,7 +70,11 @@ inline vfloat load_lanes(const float* src) {
   return v;
 }
 inline vfloat load_lanes(const c10::BFloat16* src) {
-#if defined(__AVX2__)
+#if defined(__AVX512F__)  // one widening load (the portable form below splits it in two halves)
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  const vbits wide = reinterpret_cast<vbits>(_mm512_maskz_cvtepu16_epi32(0xFFFF, bits)) << 16;  // maskz: no
+  return reinterpret_cast<vfloat>(wide);  // undefined operand inside the intrinsic, which GCC 12 warns about
+#elif defined(__AVX2__)
   const __m256i wide = _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))), 16);
   return reinterpret_cast<vfloat>(_mm256_castsi256_ps(wide));
 #else
@@ -64,9 +87,17 @@ inline vfloat load_lanes(const c10::BFloat16* src) {
 #endif
 }
 inline vfloat load_lanes(const c10::Half* src) {
+#if defined(__AVX512F__)
+  // the masked form: GCC 12 warns on the plain one (an undefined source operand inside the intrinsic)
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
+  return reinterpret_cast<vfloat>(_mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF, bits));
+#elif defined(__F16C__)
+  return reinterpret_cast<vfloat>(_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src))));
+#else
   float tmp[kLanes];
   for (int64_t i = 0; i < kLanes; ++i) tmp[i] = static_cast<float>(src[i]);
   return load_lanes(tmp);
+#endif
 }
 inline float load_float(float v) { return v; }
 inline float load_float(c10::BFloat16 v) { return static_cast<float>(v); }
@@ -205,30 +236,45 @@ void score_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, 
   }
 }
 
-// For the heads g0 .. g0 + kBlock - 1: acc[g][d0 .. d0 + 2 * kLanes) += sum over lanes j in lo .. hi - 1 of
+// For the heads g0 .. g0 + kBlock - 1: acc[g][d0 .. d0 + kVecs * kLanes) += sum over lanes j in lo .. hi - 1 of
 // p[g][j] * value of page token j0 + j. Each value vector is loaded once for all heads of the block, and the
-// accumulators stay in registers over the run (kBlock is a constant so that they can).
-template <int kBlock, typename scalar_t>
+// accumulators stay in registers over the run (kBlock and kVecs are constants so that they can).
+template <int kBlock, int kVecs, typename scalar_t>
 inline void accumulate_values(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0,
                               int64_t lo, int64_t hi, const vfloat* probs, float* acc, int64_t g0, int64_t d0) {
   const int64_t dv = p.value_size;
-  vfloat a[kBlock][2];
+  vfloat a[kBlock][kVecs];
   for (int b = 0; b < kBlock; ++b) {
-    a[b][0] = load_lanes(acc + (g0 + b) * dv + d0);
-    a[b][1] = load_lanes(acc + (g0 + b) * dv + d0 + kLanes);
+    for (int v = 0; v < kVecs; ++v) a[b][v] = load_lanes(acc + (g0 + b) * dv + d0 + v * kLanes);
   }
   for (int64_t j = lo; j < hi; ++j) {
     const scalar_t* value = vpage + (j0 + j) * p.v_stride_token + d0;
-    const vfloat v0 = load_lanes(value), v1 = load_lanes(value + kLanes);
+    vfloat val[kVecs];
+    for (int v = 0; v < kVecs; ++v) val[v] = load_lanes(value + v * kLanes);
     for (int b = 0; b < kBlock; ++b) {
       const vfloat weight = splat(reinterpret_cast<const float*>(probs + kRun * (g0 + b))[j]);
-      a[b][0] += weight * v0;
-      a[b][1] += weight * v1;
+      for (int v = 0; v < kVecs; ++v) a[b][v] += weight * val[v];
     }
   }
   for (int b = 0; b < kBlock; ++b) {
-    std::memcpy(acc + (g0 + b) * dv + d0, &a[b][0], sizeof(vfloat));
-    std::memcpy(acc + (g0 + b) * dv + d0 + kLanes, &a[b][1], sizeof(vfloat));
+    for (int v = 0; v < kVecs; ++v) std::memcpy(acc + (g0 + b) * dv + d0 + v * kLanes, &a[b][v], sizeof(vfloat));
+  }
+}
+
+// accumulate_values for every row, kValueHeads rows at a time.
+template <int kVecs, typename scalar_t>
+inline void accumulate_value_rows(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0,
+                                  int64_t lo, int64_t hi, int64_t rows, const vfloat* probs, float* acc,
+                                  int64_t d0) {
+  int64_t g0 = 0;
+  for (; g0 + kValueHeads <= rows; g0 += kValueHeads) {
+    accumulate_values<kValueHeads, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0);
+  }
+  switch (rows - g0) {
+    case 3: accumulate_values<3, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
+    case 2: accumulate_values<2, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
+    case 1: accumulate_values<1, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
+    default: break;
   }
 }
 
@@ -281,7 +327,7 @@ void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* v
       for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
     }
   }
-  if (dv % (2 * kLanes) != 0) {  // odd value sizes: scalar
+  if (dv % kLanes != 0) {  // value sizes that are not a whole number of vectors: scalar
     for (int64_t g = 0; g < rows; ++g) {
       const float* pj = reinterpret_cast<const float*>(scores + kRun * g);
       float* acc = acc_rows + g * dv;
@@ -292,18 +338,11 @@ void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* v
     }
     return;
   }
-  for (int64_t d0 = 0; d0 < dv; d0 += 2 * kLanes) {
-    int64_t g0 = 0;
-    for (; g0 + kValueHeads <= rows; g0 += kValueHeads) {
-      accumulate_values<kValueHeads>(p, vpage, j0, lo, hi, scores, acc_rows, g0, d0);
-    }
-    switch (rows - g0) {
-      case 3: accumulate_values<3>(p, vpage, j0, lo, hi, scores, acc_rows, g0, d0); break;
-      case 2: accumulate_values<2>(p, vpage, j0, lo, hi, scores, acc_rows, g0, d0); break;
-      case 1: accumulate_values<1>(p, vpage, j0, lo, hi, scores, acc_rows, g0, d0); break;
-      default: break;
-    }
+  int64_t d0 = 0;  // chunks of kValueVecs vectors of dims, then what is left vector by vector
+  for (; d0 + kValueVecs * kLanes <= dv; d0 += kValueVecs * kLanes) {
+    accumulate_value_rows<kValueVecs>(p, vpage, j0, lo, hi, rows, scores, acc_rows, d0);
   }
+  for (; d0 < dv; d0 += kLanes) accumulate_value_rows<1>(p, vpage, j0, lo, hi, rows, scores, acc_rows, d0);
 }
 
 // Groups the (token, segment) pairs of tokens first .. last - 1 by the keys they read, into w.shared. Returns false
