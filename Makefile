@@ -9,6 +9,7 @@
 #                     script with `make bench BENCHES=benchmarks/bench_attention.py`); results under results/
 #                     (bench_reference_engine, bench_vllm_groups) and benchmarks/results/ (the others)
 #   make cuda-check   compile the CUDA code with nvcc (no GPU needed)
+#   make isa-check    the CPU op rebuilt for AVX2 and for generic x86-64, its tests on each (then rebuilt native)
 #   make gpu-check    on a GPU machine: build in place, op tests on CUDA, Triton timings (system python3, no venv)
 #   make clean        build outputs and caches (keeps the venv; `make distclean` removes it too)
 
@@ -18,7 +19,7 @@ PYTEST_ARGS ?=
 BENCHES ?= $(sort $(wildcard benchmarks/bench_*.py)) $(wildcard benchmarks/throughput.py)
 export HOGWILD_VENV := $(abspath $(VENV))
 
-.PHONY: setup test demo lint bench cuda-check gpu-check clean distclean
+.PHONY: setup test demo lint bench cuda-check isa-check gpu-check clean distclean
 
 setup:
 	bash scripts/setup_env.sh
@@ -40,6 +41,9 @@ bench: setup
 
 cuda-check:
 	bash scripts/nvcc_check.sh
+
+isa-check: setup
+	bash scripts/isa_check.sh
 
 # Not on `setup`: the GPU machine has torch, triton, nvcc and pytest but no venv and no vLLM. Arguments:
 # make gpu-check GPU_CHECK_ARGS="--device cpu --quick" (the CPU dry run).
