@@ -34,7 +34,11 @@ from setuptools import setup
 ROOT = Path(__file__).resolve().parent
 CSRC = ROOT / "csrc"
 EXT_NAME = "hogwild_vllm._C"
-CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp-simd", "-ffp-contract=fast"]
+# -fopenmp: at::parallel_for is an OpenMP region compiled into this extension (ATen's header); without the flag
+# the region is ignored and the CPU ops run on one thread whatever torch.get_num_threads() says. Linked with
+# -fopenmp too; the libgomp that torch already loaded (same soname) is the one that runs it.
+CXX_FLAGS = ["-O3", "-Wall", "-Wno-unused-function", "-fopenmp", "-ffp-contract=fast"]
+LINK_FLAGS = ["-fopenmp"]
 NVCC_FLAGS = ["-O3", "--expt-relaxed-constexpr"]
 
 
@@ -98,6 +102,7 @@ def _extension_build() -> tuple[list, dict]:
         sources=sources,
         include_dirs=[str(CSRC)],
         extra_compile_args={"cxx": CXX_FLAGS + _cpu_isa_flags() + define, "nvcc": NVCC_FLAGS + define},
+        extra_link_args=LINK_FLAGS,
         # The module only loads the library (ops are reached via torch.ops.hogwild_C), so the stable ABI suffices.
         py_limited_api=True,
     )

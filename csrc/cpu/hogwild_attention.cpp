@@ -460,13 +460,20 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
 template <typename scalar_t>
 void launch(const HogwildAttentionParams<scalar_t>& p) {
   const int64_t group = p.num_heads / p.num_kv_heads;
-  const int64_t chunks = (p.num_tokens + kTokensPerItem - 1) / kTokensPerItem;
+  // Tokens per item: up to kTokensPerItem (keys shared by more tokens are loaded fewer times), but small enough
+  // that every thread gets several items of the same size (a decode step of 8 tokens over 3 KV heads is 3 items
+  // of 8 tokens, two of them on one of two threads; in items of 4 tokens it is 6, three a thread).
+  const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
+  const int64_t wanted_items = 3 * threads;
+  const int64_t per_item = std::clamp<int64_t>((p.num_tokens * p.num_kv_heads + wanted_items - 1) / wanted_items, 1,
+                                               kTokensPerItem);
+  const int64_t chunks = (p.num_tokens + per_item - 1) / per_item;
   std::atomic<bool> ok{true};
   at::parallel_for(0, chunks * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     Scratch w(kTokensPerItem * group, p.head_size, p.value_size);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t first = (item / p.num_kv_heads) * kTokensPerItem;
-      const int64_t last = std::min(p.num_tokens, first + kTokensPerItem);
+      const int64_t first = (item / p.num_kv_heads) * per_item;
+      const int64_t last = std::min(p.num_tokens, first + per_item);
       if (!attend_item(p, first, last, item % p.num_kv_heads, w)) ok.store(false);
     }
   });
