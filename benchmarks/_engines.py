@@ -3,7 +3,9 @@
     python benchmarks/_engines.py JOB.json
 
 The job (written by ``throughput.py``) names the system, the model and a list of runs; results go, one JSON object
-a line, to ``job["results"]`` as each run finishes (stdout is left to the engine's logs). Systems:
+a line, to ``job["results"]`` as each run finishes (stdout is left to the engine's logs). With ``"on_demand"`` the
+engine runs nothing after its warm-up until the driver writes a run id on its stdin (one a line; EOF ends it), so
+that several engines can stay up and take turns. Systems:
 
 - ``plain-off``: ``vllm.LLM`` without ``additional_config`` (stock vLLM, its own CPU attention backend);
 - ``plain-on``: ``vllm.LLM`` with the plugin on (``hogwild_vllm.offline.make_llm``); runs plain requests and groups;
@@ -158,8 +160,15 @@ def main(job_path: str) -> int:
         for run in job.get("warmup", []):
             system.run(run)
         emit({"event": "warm"})
-        for run in job["runs"]:
-            emit({"event": "run", "id": run["id"], **system.run(run)})
+        if job.get("on_demand"):  # the driver names each run on stdin, one id a line, when it is this one's turn
+            by_id = {run["id"]: run for run in job["runs"]}
+            for line in sys.stdin:
+                rid = line.strip()
+                if rid:
+                    emit({"event": "run", "id": rid, **system.run(by_id[rid])})
+        else:
+            for run in job["runs"]:
+                emit({"event": "run", "id": run["id"], **system.run(run)})
         emit({"event": "done"})
     return 0
 

@@ -4,8 +4,11 @@ plain requests, hogwild groups and the reference engine, at the same model, prom
     python benchmarks/throughput.py [--models qwen2 smollm2] [--prompts 1024 3400] [--workers 1 2 4 8]
         [--lengths 24 152] [--skip-reference] [--dtype bfloat16] [--out benchmarks/results]
 
-Systems, each engine in its own process (``_engines.py``; vLLM caches its backend choice per process), one after
-the other, each warmed up once, and each (prompt, N) preceded by an untimed short request of the same shape:
+Systems, each engine in its own process (``_engines.py``; vLLM caches its backend choice per process). A model's
+engines start together, each warms up once, then they take turns, one request at a time: every timed request of
+one system is followed by the same request on the others before the next one, so that a slow minute of a shared
+machine falls on every system alike rather than on whichever engine ran then. Each (prompt, N) of a system is
+preceded by an untimed short request of the same shape:
   - ``plain-off``: stock vLLM, no ``additional_config``; one request with ``SamplingParams(n=N, temperature, top_k,
     seed, ignore_eos=True)``: N independent samples, the baseline users care about (every ratio is against it);
   - ``plain-on``: the same request on an engine with the plugin on (``offline.make_llm``);
@@ -149,38 +152,90 @@ class Jobs:
         return {"plain-off": [plain], "plain-on": [plain, group], "reference": [group]}[system]
 
 
-def run_engine(job: dict[str, Any], log_dir: Path, bar: tqdm, env: dict[str, str]) -> list[dict[str, Any]]:
-    """Start ``_engines.py`` on ``job``, follow its results file (progress), return its run records."""
-    stem = f"{job['label']}-{job['system']}"
-    job_path, results, log = log_dir / f"{stem}.json", log_dir / f"{stem}.jsonl", log_dir / f"{stem}.log"
-    results.unlink(missing_ok=True)
-    job["results"] = str(results)
-    job_path.write_text(json.dumps(job))
-    bar.set_description(f"{stem} (starting)")
-    records: list[dict[str, Any]] = []
-    with open(log, "w") as log_file:
-        proc = subprocess.Popen([sys.executable, str(HERE / "_engines.py"), str(job_path)], stdout=log_file,
-                                stderr=subprocess.STDOUT, env=env, cwd=HERE.parent)
-        seen = 0
+class EngineProcess:
+    """``_engines.py`` on one job, on demand: started, then sent one run id at a time (``run``)."""
+
+    def __init__(self, job: dict[str, Any], log_dir: Path, env: dict[str, str]) -> None:
+        self.stem = f"{job['label']}-{job['system']}"
+        job_path, self.results = log_dir / f"{self.stem}.json", log_dir / f"{self.stem}.jsonl"
+        self.log = log_dir / f"{self.stem}.log"
+        self.results.unlink(missing_ok=True)
+        self.job = {**job, "results": str(self.results), "on_demand": True}
+        job_path.write_text(json.dumps(self.job))
+        self.records: list[dict[str, Any]] = []
+        self._seen = 0
+        self._log_file = open(self.log, "w")  # noqa: SIM115 - closed in close()
+        self.proc = subprocess.Popen([sys.executable, str(HERE / "_engines.py"), str(job_path)], stdin=subprocess.PIPE,
+                                     stdout=self._log_file, stderr=subprocess.STDOUT, env=env, cwd=HERE.parent,
+                                     text=True)
+
+    def _wait_for(self, event: str, rid: str | None = None) -> dict[str, Any] | None:
+        """Collect records until one with ``event`` (and ``id``) arrives; None if the process ends first."""
         while True:
-            done = proc.poll() is not None
-            lines = results.read_text().splitlines() if results.exists() else []
-            for line in lines[seen:]:
+            done = self.proc.poll() is not None
+            lines = self.results.read_text().splitlines() if self.results.exists() else []
+            for line in lines[self._seen:]:
+                self._seen += 1
                 rec = json.loads(line)
-                records.append(rec)
-                if rec["event"] == "warm":
-                    bar.set_description(stem)
-                elif rec["event"] == "run":
-                    bar.update(1)
-                    bar.set_postfix_str(f"{rec['id'].split('|', 2)[2]}: {rec['seconds']:.1f}s")
-            seen = len(lines)
+                self.records.append(rec)
+                if rec["event"] == event and (rid is None or rec.get("id") == rid):
+                    return rec
             if done:
-                break
-            time.sleep(0.5)
-    if proc.returncode != 0:
-        tail = "\n".join(log.read_text().splitlines()[-30:])
-        tqdm.write(f"!! {stem} failed (exit {proc.returncode}); log {log}:\n{tail}")
-    return records
+                return None
+            time.sleep(0.05)
+
+    def ready(self) -> bool:
+        return self._wait_for("warm") is not None
+
+    def run(self, rid: str) -> dict[str, Any] | None:
+        if self.proc.poll() is not None or self.proc.stdin is None:
+            return None
+        self.proc.stdin.write(rid + "\n")
+        self.proc.stdin.flush()
+        return self._wait_for("run", rid)
+
+    def close(self) -> None:
+        if self.proc.stdin is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+        self._wait_for("done")
+        self.proc.wait()
+        self._log_file.close()
+        if self.proc.returncode != 0:
+            tail = "\n".join(self.log.read_text().splitlines()[-30:])
+            tqdm.write(f"!! {self.stem} failed (exit {self.proc.returncode}); log {self.log}:\n{tail}")
+
+
+def turns(jobs: list[dict[str, Any]]) -> list[tuple[int, str]]:
+    """(job index, run id) in the order the engines take turns: (prompt, N) by (prompt, N); inside one, every
+    system's warm-up run first, then for each timed (repeat, length) every system once, in SYSTEMS order."""
+    keyed = []
+    for j, job in enumerate(jobs):
+        for run in job["runs"]:
+            _, prompt, n, system, length, rep = run["id"].split("|")
+            slot = (-1, 0) if rep == "w" else (int(rep), int(length))
+            keyed.append(((int(prompt), int(n)), slot, SYSTEMS.index(system), run["id"], j))
+    return [(j, rid) for *_, rid, j in sorted(keyed)]
+
+
+def run_model_engines(jobs: list[dict[str, Any]], log_dir: Path, bar: tqdm, env: dict[str, str],
+                      ) -> list[list[dict[str, Any]]]:
+    """Start every engine of one model, let them take turns (:func:`turns`), return each one's records."""
+    bar.set_description(f"{jobs[0]['label']} (starting {len(jobs)} engines)")
+    procs = [EngineProcess(job, log_dir, env) for job in jobs]
+    alive = [p.ready() for p in procs]
+    bar.set_description(jobs[0]["label"])
+    for j, rid in turns(jobs):
+        if not alive[j]:
+            continue
+        rec = procs[j].run(rid)
+        if rec is None:
+            alive[j] = False
+            continue
+        bar.update(1)
+        bar.set_postfix_str(f"{rid.split('|', 2)[2]}: {rec['seconds']:.1f}s")
+    for p in procs:
+        p.close()
+    return [p.records for p in procs]
 
 
 def summarize(runs: dict[str, list[dict[str, Any]]], args: argparse.Namespace, model: str, prompt: int, n: int,
@@ -263,13 +318,14 @@ def main() -> int:
                 plans.append({**base, "system": system, "runs": runs, "warmup": jobs.warmup(system)})
     records: list[dict[str, Any]] = []
     with tqdm(total=sum(len(j["runs"]) for j in plans), unit="run") as bar:
-        for job in plans:
-            recs = run_engine(job, log_dir, bar, env)
-            ready = next((r for r in recs if r["event"] == "ready"), None)
-            if ready:
-                header.append(f"{job['label']} {job['system']} engine: " + ", ".join(
-                    f"{k} {v}" for k, v in ready.items() if k not in ("event", "pid")))
-            records += [r for r in recs if r["event"] == "run"]
+        for label in dict.fromkeys(j["label"] for j in plans):
+            model_jobs = [j for j in plans if j["label"] == label]
+            for job, recs in zip(model_jobs, run_model_engines(model_jobs, log_dir, bar, env), strict=True):
+                ready = next((r for r in recs if r["event"] == "ready"), None)
+                if ready:
+                    header.append(f"{job['label']} {job['system']} engine: " + ", ".join(
+                        f"{k} {v}" for k, v in ready.items() if k not in ("event", "pid")))
+                records += [r for r in recs if r["event"] == "run"]
     with open(out / f"{args.name}_runs.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in records)
     by_id: dict[str, list[dict[str, Any]]] = {}
