@@ -129,37 +129,36 @@ class GroupState:
     # ---- views -------------------------------------------------------------------------------------------
     def view(self, w: int) -> list[Segment]:
         """Worker ``w``'s view over every token decided so far (fed or about to be fed)."""
-        out: list[Segment] = []
-        pos = 0
+        return self._view(w, self._shared_view())
 
-        def put(source: int, start: int, length: int) -> None:
-            nonlocal pos
-            if length <= 0:
-                return
-            last = out[-1] if out else None
-            if last and last.source == source and last.start + last.length == start:
-                out[-1] = Segment(source, last.start, last.length + length, last.view_start)  # coalesce
-            else:
-                out.append(Segment(source, start, length, pos))
-            pos += length
+    def _shared_view(self) -> list[Segment]:
+        """The start every view shares: the prompt, then (step layouts) the committed steps; :meth:`plan_pass`
+        builds it once for all workers."""
+        out: list[Segment] = []
+        _put(out, PROMPT, 0, self.prompt_len)
+        if self.cfg.layout is not Layout.CONTIGUOUS:
+            for v, a, b in self.history:
+                _put(out, v, self.prompt_len + a, b - a)
+        return out
+
+    def _view(self, w: int, shared: list[Segment]) -> list[Segment]:
+        """Worker ``w``'s view: ``shared`` (:meth:`_shared_view`, not modified) and what only this view has."""
+        out = list(shared)
 
         def put_glue(name: str) -> None:
             piece = self.glue.get(name)
             if piece:
-                put(GLUE, self.prompt_len + piece.offset, len(piece.tokens))
+                _put(out, GLUE, self.prompt_len + piece.offset, len(piece.tokens))
 
         def put_own(v: int, a: int, b: int) -> None:
-            put(v, self.prompt_len + a, b - a)
+            _put(out, v, self.prompt_len + a, b - a)
 
-        put(PROMPT, 0, self.prompt_len)
         if self.cfg.layout is Layout.CONTIGUOUS:
             for v, log in enumerate(self.workers):
                 if v != w:
                     put_own(v, 0, len(log.tokens))
             put_own(w, 0, len(self.workers[w].tokens))
             return out
-        for v, a, b in self.history:
-            put_own(v, a, b)
         if self.cfg.layout is Layout.COMBINED:
             put_glue("others_header")
             for v, log in enumerate(self.workers):
@@ -192,8 +191,9 @@ class GroupState:
     def plan_pass(self) -> list[WorkerPass]:
         """Per worker: the tokens to feed now (all not yet fed), its view including them, their query positions."""
         plans = []
+        shared = self._shared_view()
         for w, log in enumerate(self.workers):
-            segs = self.view(w)
+            segs = self._view(w, shared)
             queries = [Query(self.prompt_len + i, _view_pos(segs, w, self.prompt_len + i))
                        for i in range(log.fed, len(log.tokens))]
             plans.append(WorkerPass(log.tokens[log.fed:], segs, queries))
@@ -297,6 +297,19 @@ class GroupState:
         """The transcript as token ids (each piece's own ids; the unfinished marker encoded after open pieces)."""
         marker = self.codec.encode(self.tpl.unfinished_marker)
         return [t for ids, open_ in self._transcript_parts() for t in (ids + marker if open_ else ids)]
+
+
+def _put(out: list[Segment], source: int, start: int, length: int) -> None:
+    """Append a run of ``length`` tokens of ``source`` from natural position ``start`` at the view's end, merged
+    into the last segment when it continues it; nothing for ``length`` <= 0. Segments are never modified: a merge
+    replaces the last one, so a list copied from a shared start stays independent of it."""
+    if length <= 0:
+        return
+    last = out[-1] if out else None
+    if last is not None and last.source == source and last.start + last.length == start:
+        out[-1] = Segment(source, last.start, last.length + length, last.view_start)
+    else:
+        out.append(Segment(source, start, length, last.view_end if last is not None else 0))
 
 
 def _view_pos(segs: list[Segment], source: int, natural: int) -> int:
