@@ -3,9 +3,9 @@
     python benchmarks/_engines.py JOB.json
 
 The job (written by ``throughput.py``) names the system, the model and a list of runs; results go, one JSON object
-a line, to ``job["results"]`` as each run finishes (stdout is left to the engine's logs). With ``"on_demand"`` the
-engine runs nothing after its warm-up until the driver writes a run id on its stdin (one a line; EOF ends it), so
-that several engines can stay up and take turns. Systems:
+a line, to ``job["results"]`` as each run finishes (stdout is left to the engine's logs). After its warm-up the
+engine runs nothing until the driver writes a run id on its stdin (one a line; EOF ends it), so that several
+engines can stay up and take turns. Systems:
 
 - ``plain-off``: ``vllm.LLM`` without ``additional_config`` (stock vLLM, its own CPU attention backend);
 - ``plain-on``: ``vllm.LLM`` with the plugin on (``hogwild_vllm.offline.make_llm``); runs plain requests and groups;
@@ -147,7 +147,8 @@ def _group_result(out: Any, seconds: float) -> dict[str, Any]:
 
 
 def main(job_path: str) -> int:
-    """Start the job's engine, run its warm-up and timed runs, emitting ``ready``, ``warm``, ``run``... ``done``."""
+    """Start the job's engine, run its warm-up, then each run the driver names, emitting ``ready``, ``warm``,
+    ``run``... ``done``."""
     with open(job_path) as f:
         job = json.load(f)
     system: VllmSystem | ReferenceSystem = ReferenceSystem(job) if job["system"] == "reference" else VllmSystem(job)
@@ -160,15 +161,11 @@ def main(job_path: str) -> int:
         for run in job.get("warmup", []):
             system.run(run)
         emit({"event": "warm"})
-        if job.get("on_demand"):  # the driver names each run on stdin, one id a line, when it is this one's turn
-            by_id = {run["id"]: run for run in job["runs"]}
-            for line in sys.stdin:
-                rid = line.strip()
-                if rid:
-                    emit({"event": "run", "id": rid, **system.run(by_id[rid])})
-        else:
-            for run in job["runs"]:
-                emit({"event": "run", "id": run["id"], **system.run(run)})
+        by_id = {run["id"]: run for run in job["runs"]}
+        for line in sys.stdin:  # the driver names each run, one id a line, when it is this engine's turn
+            rid = line.strip()
+            if rid:
+                emit({"event": "run", "id": rid, **system.run(by_id[rid])})
         emit({"event": "done"})
     return 0
 

@@ -160,7 +160,7 @@ class EngineProcess:
         job_path, self.results = log_dir / f"{self.stem}.json", log_dir / f"{self.stem}.jsonl"
         self.log = log_dir / f"{self.stem}.log"
         self.results.unlink(missing_ok=True)
-        self.job = {**job, "results": str(self.results), "on_demand": True}
+        self.job = {**job, "results": str(self.results)}
         job_path.write_text(json.dumps(self.job))
         self.records: list[dict[str, Any]] = []
         self._seen = 0
