@@ -1,5 +1,6 @@
 """benchmarks/throughput.py: the order in which its engines take turns, and the script itself on the tiny model
-(short lengths: it checks the plumbing and the report, not the figures)."""
+(short lengths: it checks the plumbing and the report, not the figures; a 1k prompt keeps the prefill estimate,
+t(L1) minus L1's decode passes, clear of this machine's timing noise)."""
 
 from __future__ import annotations
 
@@ -35,8 +36,8 @@ def test_engines_take_turns_request_by_request():
 @pytest.mark.engine
 @pytest.mark.slow
 def test_throughput_script_on_the_tiny_model(tmp_path):
-    cmd = [sys.executable, str(BENCH / "throughput.py"), "--models", "qwen2", "--prompts", "400", "--workers", "2",
-           "--lengths", "8", "24", "--skip-reference", "--kv-cache-gib", "1", "--out", str(tmp_path)]
+    cmd = [sys.executable, str(BENCH / "throughput.py"), "--models", "qwen2", "--prompts", "1024", "--workers", "2",
+           "--lengths", "8", "40", "--skip-reference", "--kv-cache-gib", "1", "--out", str(tmp_path)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=dict(os.environ), cwd=BENCH.parent)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     lines = (tmp_path / "throughput.csv").read_text().splitlines()
@@ -45,6 +46,6 @@ def test_throughput_script_on_the_tiny_model(tmp_path):
     assert [r["system"] for r in rows] == ["plain-off", "plain-on", "group"]
     assert all(float(r["decode_tok_s"]) > 0 and float(r["prefill_s"]) > 0 for r in rows)
     assert float(rows[0]["decode_x"]) == 1.0 and all(float(r["decode_x"]) > 0 for r in rows)
-    assert int(float(rows[2]["tokens_L2"])) > 24  # a worker reached the budget, its peer wrote too
+    assert int(float(rows[2]["tokens_L2"])) > 40  # a worker reached the budget, its peer wrote too
     for name in ("throughput.md", "throughput.png", "throughput_step.png", "throughput_runs.jsonl"):
         assert (tmp_path / name).is_file(), name
