@@ -22,9 +22,11 @@ def register() -> None:
     Registers the HOGWILD attention backend and the selector hook that picks it when an engine switches the
     plugin on (``additional_config={"hogwild": {...}}``), and the config hook that makes such an engine use
     HogwildScheduler, synchronous scheduling and the V1 model runner (or refuses features groups cannot run with);
-    with the plugin off, vLLM behaves as without it.
+    with the plugin off, vLLM behaves as without it. Also lets a group request ask for one choice per worker at
+    temperature 0 (``compat.allow_greedy_choices``; other requests keep vLLM's check).
     """
-    from hogwild_vllm.compat import register_backend, register_config_hook
+    from hogwild_vllm.compat import allow_greedy_choices, register_backend, register_config_hook
 
     register_backend()
     register_config_hook()
+    allow_greedy_choices()

@@ -32,6 +32,17 @@ Patches (each: why / how / upstream status / removal plan):
    Upstream: Model Runner V2 passes ``req_idx`` to builders, which would remove the row-order half. Removal: port
    to V2 once it is the only runner.
 
+4. ``SamplingParams._verify_greedy_sampling`` (refuses ``n > 1`` at temperature 0, in ``__post_init__``).
+   Why: a group request asks for one choice per worker with ``n`` = workers, and greedy groups are the exact,
+   reproducible mode (tests, evaluations). How: the wrapped check passes for a request that carries hogwild options
+   (``extra_args["hogwild"]``) and defers to the original for every other request. Installed by ``register()`` (every
+   vLLM process) and by ``hogwild_vllm.offline``. ``temperature=1, top_k=1`` is the same greedy choice without the
+   patch. Upstream: none. Removal: if vLLM allows greedy ``n > 1`` (identical choices are legitimate there too).
+
+Private attributes the scheduler reads or writes are behind the helpers at the end of this module ("Scheduler
+touch points"): prompt-block sharing between requests, reservations, the banned tokens of a child request, a
+request's block hasher, the step payload on ``SchedulerOutput`` and the budgets lowered around ``schedule()``.
+
 Request validation is not a patch: ``hogwild_vllm.validation.HogwildRequestValidator`` is a public
 ``vllm.logits_processors`` entry point whose ``validate_params`` runs in the frontend for every request.
 """
@@ -40,12 +51,15 @@ from __future__ import annotations
 
 import functools
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, NamedTuple
+
+from hogwild_vllm.config import CONFIG_KEY
 
 SUPPORTED_VLLM = ("0.32.0",)
 BACKEND_NAME = "HOGWILD"
 BACKEND_PATH = "hogwild_vllm.attention.backend.HogwildAttentionBackend"
-CONFIG_KEY = "hogwild"
 
 
 class UnsupportedVllmError(RuntimeError):
@@ -160,14 +174,15 @@ def _check_scheduler_cls(scheduler_config: Any) -> None:
     if current is None or current == SCHEDULER_PATH:
         scheduler_config.scheduler_cls = SCHEDULER_PATH
         return
-    from hogwild_vllm.scheduler import HogwildScheduler
-
     cls = current
     if isinstance(current, str):
         from vllm.utils.import_utils import resolve_obj_by_qualname
 
         cls = resolve_obj_by_qualname(current)
-    if not (isinstance(cls, type) and issubclass(cls, HogwildScheduler)):
+    # By qualified name along the MRO: importing the scheduler here would close an import cycle
+    # (scheduler -> validation -> compat).
+    bases = [f"{c.__module__}.{c.__qualname__}" for c in cls.__mro__] if isinstance(cls, type) else []
+    if SCHEDULER_PATH not in bases:
         raise ValueError(
             f"hogwild: scheduler_cls={current!r} is not a subclass of {SCHEDULER_PATH}; leave scheduler_cls unset "
             "(the plugin sets it) or subclass HogwildScheduler"
@@ -284,7 +299,7 @@ def register_runner_hook() -> None:
     @functools.wraps(update_states)
     def _update_states(self: Any, scheduler_output: Any) -> Any:
         result = update_states(self, scheduler_output)
-        meta = getattr(scheduler_output, "hogwild", None)
+        meta = step_meta(scheduler_output)
         if meta is not None:
             write_forced(self, meta.forced)
             _STEP[0] = StepContext(list(self.input_batch.req_ids), meta)
@@ -343,3 +358,100 @@ class CpuAttention:
 @functools.cache
 def cpu_attention() -> CpuAttention:
     return CpuAttention()
+
+
+# --- Greedy choices for group requests (patch 4) ---------------------------------------------------------------
+
+_GREEDY_PATCHED: list[bool] = []
+
+
+def allow_greedy_choices() -> None:
+    """Let a hogwild request ask for ``n`` choices (one per worker) at temperature 0 (idempotent; patch 4)."""
+    if _GREEDY_PATCHED:
+        return
+    from vllm.sampling_params import SamplingParams
+
+    original = SamplingParams._verify_greedy_sampling
+
+    @functools.wraps(original)
+    def _verify_greedy_sampling(self: Any) -> None:
+        extra = self.extra_args
+        if isinstance(extra, dict) and extra.get(CONFIG_KEY) is not None:
+            return  # n workers, each its own choice: greedy workers still differ (their views differ)
+        original(self)
+
+    SamplingParams._verify_greedy_sampling = _verify_greedy_sampling
+    _GREEDY_PATCHED.append(True)
+
+
+# --- Scheduler touch points (HogwildScheduler) -----------------------------------------------------------------
+
+STEP_META_ATTR = "hogwild"  # the attribute of SchedulerOutput carrying HogwildStepMeta to the workers (pickled)
+
+
+def attach_step_meta(scheduler_output: Any, meta: Any) -> None:
+    setattr(scheduler_output, STEP_META_ATTR, meta)
+
+
+def step_meta(scheduler_output: Any) -> Any:
+    return getattr(scheduler_output, STEP_META_ATTR, None)
+
+
+def set_banned_tokens(params: Any, token_ids: list[int]) -> None:
+    """Ban ``token_ids`` for a request: single-token bad words, which the stock sampler masks before sampling."""
+    params._bad_words_token_ids = [[t] for t in token_ids]
+
+
+def request_block_hasher(request: Any) -> Any:
+    """The prefix-cache block hasher a request was built with (a request built from it hashes alike)."""
+    return request._block_hasher
+
+
+def usable_free_blocks(kv_cache_manager: Any) -> int:
+    """Free KV blocks a reservation may take (vLLM keeps a watermark free for running requests)."""
+    return int(kv_cache_manager.block_pool.get_num_free_blocks() - kv_cache_manager.watermark_blocks)
+
+
+def total_blocks(kv_cache_manager: Any) -> int:
+    """KV blocks of the whole cache, the null block excluded."""
+    return int(kv_cache_manager.block_pool.num_gpu_blocks - 1)
+
+
+def reserve(kv_cache_manager: Any, request: Any, num_tokens: int) -> None:
+    """Allocate ``num_tokens`` more slots for ``request`` now; its blocks never enter the prefix cache."""
+    if kv_cache_manager.allocate_slots(request, num_tokens, delay_cache_blocks=True,
+                                       has_scheduled_reqs=False) is None:
+        raise RuntimeError(f"hogwild: KV reservation of {num_tokens} slots for {request.request_id} failed after "
+                           "the free-block check")
+
+
+def share_blocks(kv_cache_manager: Any, owner_id: str, reader_id: str, num_blocks: int) -> None:
+    """Give request ``reader_id`` the first ``num_blocks`` blocks of ``owner_id`` (reference-counted: they return to
+    the pool when the last holder is freed)."""
+    for manager in kv_cache_manager.coordinator.single_type_managers:
+        shared = manager.req_to_blocks[owner_id][:num_blocks]
+        manager.block_pool.touch(shared)
+        manager.req_to_blocks[reader_id].extend(shared)
+
+
+@contextmanager
+def lowered_budgets(scheduler: Any, tokens: int, rows: int, hold_new: bool) -> Iterator[None]:
+    """Run the base ``Scheduler.schedule`` with ``tokens`` fewer tokens and ``rows`` fewer running requests than
+    configured (what the groups take this step); ``hold_new``: admit no new request (a group waits for room).
+    ``scheduler.scheduler_config`` must be the scheduler's private copy."""
+    config = scheduler.scheduler_config
+    scheduled = int(scheduler.max_num_scheduled_tokens)
+    batched = int(config.max_num_batched_tokens)
+    running = int(scheduler.max_num_running_reqs)
+    active = int(scheduler.max_num_active_reqs)
+    try:
+        scheduler.max_num_scheduled_tokens = scheduled - tokens
+        config.max_num_batched_tokens = batched - tokens
+        scheduler.max_num_running_reqs = running - rows
+        scheduler.max_num_active_reqs = max(0, active - rows)
+        if hold_new:
+            scheduler.max_num_active_reqs = min(scheduler.max_num_active_reqs, len(scheduler.running))
+        yield
+    finally:
+        scheduler.max_num_scheduled_tokens, config.max_num_batched_tokens = scheduled, batched
+        scheduler.max_num_running_reqs, scheduler.max_num_active_reqs = running, active

@@ -14,6 +14,12 @@ from enum import Enum
 from typing import Any
 
 MAX_WORKERS = 16
+# ``SamplingParams.extra_args`` keys. CONFIG_KEY holds a request's group options (a dict, or a JSON string: the
+# OpenAI ``vllm_xargs`` field admits no nested objects) and, in ``additional_config``, the engine-wide switch.
+CONFIG_KEY = "hogwild"
+# Written by the frontend validator on a group request with ``n > 1``: vLLM fans such a request out into n engine
+# requests with ``n = 1`` each (one per worker), and this is how the engine learns how many siblings to wait for.
+CHOICES_KEY = "hogwild_choices"
 
 DEFAULT_WORKER_NAMES: tuple[str, ...] = (
     "Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi",

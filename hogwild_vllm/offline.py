@@ -16,8 +16,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from hogwild_vllm.compat import CONFIG_KEY
-from hogwild_vllm.config import GroupConfig
+from hogwild_vllm.config import CONFIG_KEY, GroupConfig
 from hogwild_vllm.outputs import GroupOutput
 from hogwild_vllm.prompt import build_prompt_ids
 
@@ -36,12 +35,19 @@ def make_llm(model: str, **kwargs: Any) -> Any:
 
 
 def sampling_params(cfg: GroupConfig, *, temperature: float = 0.0, top_p: float = 1.0,
-                    seed: int | None = None) -> Any:
-    """The ``SamplingParams`` of one group request (the budget is ``cfg.max_tokens`` per worker)."""
+                    seed: int | None = None, per_worker: bool = False) -> Any:
+    """The ``SamplingParams`` of one group request (the budget is ``cfg.max_tokens`` per worker).
+
+    ``per_worker``: ask for one choice per worker (``n = cfg.workers``): ``LLM.generate`` then returns each
+    worker's text as ``outputs[w]`` (and streams them, through the server), the group's result still in
+    ``kv_transfer_params["hogwild"]``. Otherwise the one choice is the group's transcript."""
     from vllm import SamplingParams
 
+    from hogwild_vllm.compat import allow_greedy_choices
+
+    allow_greedy_choices()  # greedy with n > 1 (a no-op after the plugin's register())
     return SamplingParams(temperature=temperature, top_p=top_p, seed=seed, max_tokens=1,
-                          extra_args={CONFIG_KEY: cfg.to_dict()})
+                          n=cfg.workers if per_worker else 1, extra_args={CONFIG_KEY: cfg.to_dict()})
 
 
 def generate(llm: Any, problems: str | Sequence[str], cfg: GroupConfig | None = None, *, temperature: float = 0.0,

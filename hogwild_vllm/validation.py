@@ -5,11 +5,19 @@ vLLM loads every installed logits-processor plugin in every engine (plugin switc
 ``validate_logits_processors_parameters``). A bad ``extra_args["hogwild"]`` therefore fails that request only:
 ``VLLMValidationError`` -> HTTP 400 from the OpenAI server, an exception from ``LLM.generate``. The processor
 itself changes nothing: ``apply`` returns the logits as they are and ``update_state`` does nothing.
+
+A group request comes in one of two shapes:
+
+* ``n == 1``: one choice, the group's transcript, with the result in ``kv_transfer_params["hogwild"]``.
+* ``n == workers`` (``workers`` may be left out: it defaults to ``n``): one choice per worker, streamed live. vLLM's
+  frontend fans the request out into n engine requests ``"{i}_{id}"`` with ``n = 1`` each; the validator records n
+  in ``extra_args["hogwild_choices"]`` so that the engine knows how many siblings make the group.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -17,8 +25,8 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from hogwild_vllm.compat import CONFIG_KEY, groups_enabled_here
-from hogwild_vllm.config import GroupConfig, HogwildConfigError
+from hogwild_vllm.compat import groups_enabled_here
+from hogwild_vllm.config import CHOICES_KEY, CONFIG_KEY, GroupConfig, HogwildConfigError
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -27,8 +35,8 @@ PLUGIN_OFF = ("the hogwild plugin is not switched on for this engine; start it w
               "additional_config={'hogwild': {}} (vllm serve --additional-config '{\"hogwild\": {}}')")
 
 
-def _reject(message: str, value: Any = None) -> VLLMValidationError:
-    return VLLMValidationError(f"hogwild: {message}", parameter=f"extra_args.{CONFIG_KEY}", value=value)
+def _reject(message: str, value: Any = None, parameter: str = f"extra_args.{CONFIG_KEY}") -> VLLMValidationError:
+    return VLLMValidationError(f"hogwild: {message}", parameter=parameter, value=value)
 
 
 def request_options(sampling_params: SamplingParams) -> Any:
@@ -37,6 +45,16 @@ def request_options(sampling_params: SamplingParams) -> Any:
     if not isinstance(extra, dict):
         return None
     return extra.get(CONFIG_KEY)
+
+
+def choice_count(sampling_params: SamplingParams) -> int:
+    """How many choices the request asked for: its ``n`` in the frontend, ``extra_args["hogwild_choices"]`` in the
+    engine (where each of the n fanned-out requests has ``n = 1``)."""
+    if sampling_params.n > 1:
+        return int(sampling_params.n)
+    extra = sampling_params.extra_args
+    count = extra.get(CHOICES_KEY, 1) if isinstance(extra, dict) else 1
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 1 else 1
 
 
 def parse_request(sampling_params: SamplingParams) -> GroupConfig | None:
@@ -51,6 +69,15 @@ def parse_request(sampling_params: SamplingParams) -> GroupConfig | None:
             options = json.loads(raw)
         except ValueError as e:
             raise _reject(f"extra_args['{CONFIG_KEY}'] is a string but not valid JSON ({e})", raw) from None
+    n = choice_count(sampling_params)
+    if n > 1 and isinstance(options, Mapping):
+        workers = options.get("workers")
+        if workers is None:
+            options = {**options, "workers": n}  # one choice per worker: the workers default to n
+        elif workers != n:
+            raise _reject(f"n={n} asks for one choice per worker, but the hogwild option 'workers' is {workers!r}; "
+                          "leave 'workers' out (it defaults to n), make them equal, or use n=1 for the group's "
+                          "transcript as one choice", n, parameter="n")
     try:
         group = GroupConfig.from_dict(options)
     except HogwildConfigError as e:
@@ -58,8 +85,6 @@ def parse_request(sampling_params: SamplingParams) -> GroupConfig | None:
     except TypeError as e:  # e.g. a template value of the wrong type reaching a dataclass constructor
         raise _reject(f"bad hogwild options: {e}", raw) from None
     problems = []
-    if sampling_params.n != 1:
-        problems.append(f"n={sampling_params.n} (a group returns one transcript; use n=1)")
     if sampling_params.stop:
         problems.append("stop strings (the group decides where it stops; remove 'stop')")
     if sampling_params.logprobs is not None:
@@ -80,8 +105,15 @@ class HogwildRequestValidator(LogitsProcessor):
 
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
-        if parse_request(sampling_params) is not None and not groups_enabled_here():
+        if parse_request(sampling_params) is None:
+            return
+        if not groups_enabled_here():
             raise _reject(PLUGIN_OFF, request_options(sampling_params))
+        if sampling_params.n > 1:
+            # The engine sees n requests with n = 1 each; this tells it how many make the group. A pure function
+            # of these params (the same n every time), so params shared across requests stay consistent.
+            assert isinstance(sampling_params.extra_args, dict)
+            sampling_params.extra_args[CHOICES_KEY] = sampling_params.n
 
     def __init__(self, vllm_config: VllmConfig, device: torch.device, is_pin_memory: bool) -> None:
         pass

@@ -4,6 +4,7 @@ checked at every step, quickly. The token values are irrelevant here (the engine
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -22,6 +23,7 @@ from vllm.v1.request import Request, RequestStatus  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 import hogwild_vllm  # noqa: E402
+from hogwild_vllm.config import CHOICES_KEY  # noqa: E402
 from hogwild_vllm.scheduler import CHILD_SEP, HogwildScheduler  # noqa: E402
 from hogwild_vllm.testing.tiny_models import build_tiny_model  # noqa: E402
 
@@ -73,7 +75,7 @@ class FakeRunner:
         self.count: dict[str, int] = {}  # tokens sampled per request: each one walks the cycle on its own
 
     def children(self) -> dict[str, Request]:
-        return {c.request_id: c for g in self.sched._groups.values() for c in g.children()}
+        return {c.request_id: c for g in self.sched._entries.values() for c in g.children()}
 
     def __call__(self, out: SchedulerOutput) -> ModelRunnerOutput:
         known = {**self.sched.requests, **self.children()}
@@ -121,7 +123,7 @@ def test_gang_rows_budgets_admission_and_blocks(tiny):
     admitted_first = None
     for out, outputs in run(sched):
         if admitted_first is None:
-            admitted_first = sum(g.admitted for g in sched._groups.values())
+            admitted_first = sum(g.admitted for g in sched._entries.values())
         finished_children |= {r for r in out.finished_req_ids if CHILD_SEP in r}
         assert out.total_num_scheduled_tokens <= 256
         assert len(out.num_scheduled_tokens) <= 8
@@ -160,7 +162,7 @@ def test_group_waits_for_blocks_and_plain_requests_do_not_jump_the_queue(tiny):
     waited, done = 0, []
     for _, outputs in steps:
         done += [rid for rid, o in outputs.items() if o.finish_reason is not None]
-        if "g" in sched._groups and not sched._groups["g"].admitted:
+        if "g" in sched._entries and not sched._entries["g"].admitted:
             waited += 1
             assert "late" not in {r.request_id for r in sched.running}  # no overtaking while the group waits
     assert waited > 0 and sorted(done) == ["early", "g", "late"]
@@ -228,12 +230,12 @@ def test_pause_states_hold_groups_like_requests(tiny):
     sched.add_request(group_request("new", prompt_ids(sched, "Two. " * 5), workers=2, max_tokens=30))
     sched.set_pause_state(PauseState.PAUSED_ALL)
     out = sched.schedule()
-    assert out.total_num_scheduled_tokens == 0 and not sched._groups["new"].admitted
+    assert out.total_num_scheduled_tokens == 0 and not sched._entries["new"].admitted
     sched.update_from_output(out, runner(out))
     sched.set_pause_state(PauseState.PAUSED_NEW)
     out = sched.schedule()
     assert any(r.startswith("running" + CHILD_SEP) for r in out.num_scheduled_tokens)
-    assert not sched._groups["new"].admitted
+    assert not sched._entries["new"].admitted
     sched.update_from_output(out, runner(out))
     sched.set_pause_state(PauseState.UNPAUSED)
     finished = {rid for _, outs in run(sched) for rid, o in outs.items() if o.finish_reason is not None}
@@ -263,3 +265,88 @@ def test_a_broken_worker_pass_ends_only_that_group(tiny):
     assert "internal error" in outputs["bad"].kv_transfer_params["hogwild"]["error"]
     assert outputs["good"].finish_reason == FinishReason.LENGTH
     assert pool.get_num_free_blocks() == free0
+
+
+def choice_requests(key: str, prompt: list[int], n: int, seed: int | None = None, **options: Any) -> list[Request]:
+    """The n engine requests vLLM's frontend makes of a group request with ``n`` choices: ids ``"{i}_{key}"``,
+    ``n = 1`` each, the seed ``seed + i``, the validator's choice count in ``extra_args``."""
+    out = []
+    for i in range(n):
+        params = SamplingParams(temperature=0.0, max_tokens=1, seed=None if seed is None else seed + i,
+                                extra_args={"hogwild": {"templates": TEMPLATES, **options}, CHOICES_KEY: n})
+        out.append(Request(f"{i}_{key}", prompt, params, None))
+    return out
+
+
+def test_choices_wait_for_every_sibling_then_stream_each_worker(tiny):
+    sched = make_scheduler(tiny, num_blocks=120)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    choices = choice_requests("q", prompt_ids(sched, "Add them. " * 6), 3, seed=10, max_tokens=40)
+    runner = FakeRunner(sched)
+    for request in choices[:2]:
+        sched.add_request(request)
+        out = sched.schedule()
+        assert out.total_num_scheduled_tokens == 0  # not admitted until all three have arrived
+        sched.update_from_output(out, runner(out))
+        assert sched.get_num_unfinished_requests() == 1 and sched.group_ids() == []
+    sched.add_request(choices[2])
+    assert sched.group_ids() == ["q"]
+    streamed: dict[str, list[int]] = {c.request_id: [] for c in choices}
+    chunks: dict[str, int] = dict.fromkeys(streamed, 0)
+    finals = {}
+    seeds = None
+    for _, outputs in run(sched):
+        entry = sched._entries.get("q")
+        if entry is not None and entry.workers:
+            seeds = [w.sampling_params.seed for w in entry.workers]
+        for rid, o in outputs.items():
+            assert rid in streamed, rid  # only the clients are reported: never a hidden child
+            streamed[rid] += o.new_token_ids
+            chunks[rid] += 1
+            if o.finish_reason is not None:
+                finals[rid] = o
+    assert seeds == [10, 11, 12]  # worker i samples with choice i's seed, as vLLM seeds n choices
+    assert set(finals) == set(streamed)
+    payload = finals["0_q"].kv_transfer_params["hogwild"]
+    for w, c in enumerate(choices):
+        o = finals[c.request_id]
+        assert o.finish_reason == FinishReason.LENGTH and o.kv_transfer_params["hogwild"] == payload
+        assert streamed[c.request_id] == payload["workers"][w]["token_ids"]  # every token, intro and headers
+        assert chunks[c.request_id] > 10  # streamed step by step, not at the end
+        summary = json.loads(o.stop_reason)["hogwild"]
+        assert summary["transcript"] == payload["transcript"] and summary["usage"] == payload["usage"]
+        assert "workers" not in summary
+    assert pool.get_num_free_blocks() == free0 and not sched._client_key
+
+
+@pytest.mark.parametrize("steps", [0, 5])
+def test_aborting_a_choice_ends_the_whole_group(tiny, steps):
+    sched = make_scheduler(tiny, num_blocks=120)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    for request in choice_requests("q", prompt_ids(sched, "Add them. " * 6), 2, max_tokens=60):
+        sched.add_request(request)
+    lone = choice_requests("r", prompt_ids(sched, "Still arriving."), 2, max_tokens=60)[0]
+    sched.add_request(lone)
+    runner = FakeRunner(sched)
+    for _ in range(steps):
+        out = sched.schedule()
+        sched.update_from_output(out, runner(out))
+    ended = sched.finish_requests(["1_q"], RequestStatus.FINISHED_ABORTED)
+    assert sorted(r.request_id for r in ended) == ["0_q", "1_q"] and sched.group_ids() == []
+    assert [r.request_id for r in sched.finish_requests(["0_r"], RequestStatus.FINISHED_ABORTED)] == ["0_r"]
+    assert sched.get_num_unfinished_requests() == 0 and not sched._client_key
+    assert [o for _, outs in run(sched) for o in outs.values()] == []
+    assert pool.get_num_free_blocks() == free0
+
+
+def test_choices_that_disagree_with_workers_end_with_an_error_each(tiny):
+    sched = make_scheduler(tiny, num_blocks=120)
+    for request in choice_requests("q", prompt_ids(sched, "Add."), 3, workers=2, max_tokens=20):
+        sched.add_request(request)
+    outputs = {rid: o for _, outs in run(sched) for rid, o in outs.items()}
+    assert set(outputs) == {"0_q", "1_q", "2_q"}
+    for o in outputs.values():
+        assert o.finish_reason == FinishReason.ERROR
+        assert "n=3 asks for one choice per worker" in o.kv_transfer_params["hogwild"]["error"]

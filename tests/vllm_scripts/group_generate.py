@@ -3,9 +3,11 @@
 usage: python group_generate.py SPEC_JSON
 
 SPEC_JSON (a file path) holds {"model": path, "engine": {LLM kwargs}, "batches": [[item, ...], ...]}; an item is
-{"prompt_token_ids": [...], "hogwild": {...} or absent, "max_tokens": n, "ignore_eos": bool, "logit_bias": {...}}.
+{"prompt_token_ids": [...], "hogwild": {...} or absent, "max_tokens": n, "ignore_eos": bool, "logit_bias": {...},
+"n": choices, "top_k": k}.
 Each batch is one ``LLM.generate`` call. Every item's result: token ids, finish reason and ``kv_transfer_params``
-(the group output), or the error type and message when the call raised. With "check_free_blocks", the engine core
+(the group output) of its first choice, every choice's token ids, finish and stop reason, or the error type and
+message when the call raised. With "check_free_blocks", the engine core
 runs in this process and the block pool's free count is reported before and after each batch.
 """
 
@@ -39,6 +41,7 @@ def main() -> None:
             extra = {"hogwild": item["hogwild"]} if "hogwild" in item else None
             bias = {int(k): v for k, v in item.get("logit_bias", {}).items()} or None
             params.append(SamplingParams(temperature=item.get("temperature", 0.0), seed=item.get("seed"),
+                                         n=item.get("n", 1), top_k=item.get("top_k", 0),
                                          max_tokens=item.get("max_tokens", 16), extra_args=extra,
                                          ignore_eos=item.get("ignore_eos", False), logit_bias=bias))
         free_before = pool.get_num_free_blocks() if pool is not None else None
@@ -49,7 +52,10 @@ def main() -> None:
             continue
         results.append({
             "outputs": [{"token_ids": list(o.outputs[0].token_ids), "finish_reason": o.outputs[0].finish_reason,
-                         "text": o.outputs[0].text, "kv_transfer_params": o.kv_transfer_params} for o in outs],
+                         "text": o.outputs[0].text, "kv_transfer_params": o.kv_transfer_params,
+                         "choices": [{"token_ids": list(c.token_ids), "finish_reason": c.finish_reason,
+                                      "stop_reason": c.stop_reason, "text": c.text} for c in o.outputs]}
+                        for o in outs],
             "free_before": free_before,
             "free_after": pool.get_num_free_blocks() if pool is not None else None,
         })
