@@ -12,8 +12,8 @@ sampled tokens (so a few commits fall inside the timed window and the history gr
 
 * ``plan_pass``:   ``GroupState.plan_pass()`` (scheduler): every worker's fed tokens, view and queries;
 * ``plan_rows``:   ``metadata.plan_rows(state, names, plans=...)`` (scheduler): the rows sent to the workers;
-* ``pickle``:      ``HogwildStepMeta`` (rows, the prompt request's blocks, forced headers) pickled and unpickled
-                   (scheduler -> worker process);
+* ``payload``:     ``HogwildStepMeta`` made (rows, ``extra_blocks`` for ``unscheduled_sources(rows)``: the prompt
+                   request's blocks, forced headers), pickled and unpickled (scheduler -> worker process);
 * ``build_table``: ``metadata.plain_runs`` + ``metadata.build_table`` (the CPU builder calls both) over a batch of
                    two plain decode rows and the group's rows, with the unpickled payload;
 * ``on_sampled``:  ``GroupState.mark_fed()`` + ``GroupState.on_sampled(tokens)`` (scheduler);
@@ -51,7 +51,7 @@ from _report import describe, line_panels, machine_info, print_table, write_resu
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
-PIECES = ("plan_pass", "plan_rows", "pickle", "build_table", "on_sampled")
+PIECES = ("plan_pass", "plan_rows", "payload", "build_table", "on_sampled")
 WORDS = (" the", " sheep", " are", " 17", " plus", " 5", ",", " so", " each", " week", " makes", " 47")
 STEP_END = ".\n\n"
 WARMUP_STEP = 6  # sampled tokens per step while the history is being built
@@ -170,7 +170,8 @@ def step(run: Run, tokens: list[int], prompt_blocks: tuple[int, ...], forced: di
     t1 = clock()
     rows = m.plan_rows(state, run.names, plans=plans)
     t2 = clock()
-    meta = m.HogwildStepMeta(rows=rows, extra_blocks={"g::prompt": prompt_blocks}, forced=forced)
+    extra = {rid: prompt_blocks for rid in m.unscheduled_sources(rows)}
+    meta = m.HogwildStepMeta(rows=rows, extra_blocks=extra, forced=forced)
     blob = pickle.dumps(meta, protocol=pickle.HIGHEST_PROTOCOL)
     got = pickle.loads(blob)
     t3 = clock()

@@ -16,14 +16,20 @@ Driving loop (the reference engine and the vLLM scheduler both do this)::
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from hogwild_vllm.config import GroupConfig, Layout
 
 PROMPT = -1  # source id of the common prompt
 GLUE = -2  # source id of the glue log
+
+Run = tuple[int, int, int]  # (source, natural start, length): tokens a view places next
+NO_RUN: Run = (GLUE, 0, 0)  # a glue piece whose template is empty
+# A Segment as a plain tuple (source, start, length, view_start): the form views are built in, several times
+# cheaper to make than Segment objects (each pass makes a few per view).
+SegmentTuple = tuple[int, int, int, int]
 
 
 class TokenCodec(Protocol):
@@ -60,11 +66,36 @@ class Query:
     view: int
 
 
-@dataclass(frozen=True)
-class WorkerPass:
+class WorkerPass(NamedTuple):
+    """One worker's part of a pass, as plain tuples; ``segments`` and ``queries`` give the typed objects."""
+
     tokens: list[int]  # fed this pass, in log order
-    segments: list[Segment]  # the worker's whole view after this pass's tokens are written
-    queries: list[Query]  # one per fed token
+    view: list[SegmentTuple]  # the worker's whole view after this pass's tokens are written
+    positions: list[tuple[int, int]]  # (natural, view position) of each fed token
+    # The first ``common`` entries of ``view`` are those of the sequence every view of the pass starts with a part
+    # of (:class:`_Common`): the same objects in every worker's plan, so a consumer converts them once.
+    common: int = 0
+
+    @property
+    def segments(self) -> list[Segment]:
+        return [Segment(*s) for s in self.view]
+
+    @property
+    def queries(self) -> list[Query]:  # one per fed token
+        return [Query(*q) for q in self.positions]
+
+
+class _Common(NamedTuple):
+    """The sequence every view of a pass starts with a part of: the shared start (prompt, committed steps), the
+    others header (combined), then every worker's runs that its peers' views place there, as a view that skipped
+    no worker would hold them. Worker w's view is the sequence up to w's runs, then its own part."""
+
+    segments: list[SegmentTuple]
+    shared: int  # segments of the shared start
+    runs: list[Run]  # the workers' runs after the head (the others header), in worker index order
+    # v -> (index of v's first run in ``runs``, index after its last, segments of ``segments`` before its runs or
+    # None where its first run merged into the segment before it) for each worker with runs there
+    spans: dict[int, tuple[int, int, int | None]]
 
 
 @dataclass(frozen=True)
@@ -123,52 +154,86 @@ class GroupState:
             if ids:
                 self.glue[name] = GluePiece(len(self.glue_tokens), tuple(ids))
                 self.glue_tokens.extend(ids)
+        self._glue_runs = {name: (GLUE, prompt_len + piece.offset, len(piece.tokens))
+                           for name, piece in self.glue.items()}
+        # The start every view shares, built up to the first ``_shared_steps`` entries of the history.
+        self._shared: tuple[SegmentTuple, ...] = ((PROMPT, 0, prompt_len, 0),)
+        self._shared_steps = 0
         for w in self.workers:
             self._force(w, codec.encode(self.tpl.intro_text(w.name)))
 
     # ---- views -------------------------------------------------------------------------------------------
     def view(self, w: int) -> list[Segment]:
         """Worker ``w``'s view over every token decided so far (fed or about to be fed)."""
-        return self._view(w, self._shared_view())
+        return [Segment(*s) for s in self._view(w, self._common())[0]]
 
-    def _shared_view(self) -> list[Segment]:
-        """The start every view shares: the prompt, then (step layouts) the committed steps; :meth:`plan_pass`
-        builds it once for all workers."""
-        out: list[Segment] = []
-        _put(out, PROMPT, 0, self.prompt_len)
-        if self.cfg.layout is not Layout.CONTIGUOUS:
-            for v, a, b in self.history:
-                _put(out, v, self.prompt_len + a, b - a)
-        return out
+    def shared_start(self) -> tuple[SegmentTuple, ...]:
+        """The start every view shares: the prompt, then (step layouts) the committed steps. The same tuple from
+        pass to pass until a commit, then extended by the steps committed since (commits only append to the
+        history)."""
+        if self.cfg.layout is Layout.CONTIGUOUS or self._shared_steps == len(self.history):
+            return self._shared
+        if self._shared_steps > len(self.history):  # never done by this class: start again from the prompt
+            self._shared, self._shared_steps = self._shared[:1], 0
+        out = list(self._shared)
+        _extend(out, ((v, self.prompt_len + a, b - a) for v, a, b in self.history[self._shared_steps:]))
+        self._shared, self._shared_steps = tuple(out), len(self.history)
+        return self._shared
 
-    def _view(self, w: int, shared: list[Segment]) -> list[Segment]:
-        """Worker ``w``'s view: ``shared`` (:meth:`_shared_view`, not modified) and what only this view has."""
-        out = list(shared)
-
-        def put_glue(name: str) -> None:
-            piece = self.glue.get(name)
-            if piece:
-                _put(out, GLUE, self.prompt_len + piece.offset, len(piece.tokens))
-
-        def put_own(v: int, a: int, b: int) -> None:
-            _put(out, v, self.prompt_len + a, b - a)
-
+    def _peer_runs(self) -> list[tuple[int, tuple[Run, ...]]]:
+        """(v, runs) for each worker v, in index order, whose tokens its peers' views place after the shared start:
+        combined, its uncommitted step then the unfinished marker (none while the step is empty); contiguous, its
+        whole log; interleaved, none."""
+        p = self.prompt_len
         if self.cfg.layout is Layout.CONTIGUOUS:
-            for v, log in enumerate(self.workers):
-                if v != w:
-                    put_own(v, 0, len(log.tokens))
-            put_own(w, 0, len(self.workers[w].tokens))
-            return out
-        if self.cfg.layout is Layout.COMBINED:
-            put_glue("others_header")
-            for v, log in enumerate(self.workers):
-                if v != w and len(log.tokens) > log.step_start:
-                    put_own(v, log.step_start, len(log.tokens))
-                    put_glue("unfinished_marker")
-        put_glue("own_header")
+            return [(v, ((v, p, len(log.tokens)),)) for v, log in enumerate(self.workers)]
+        if self.cfg.layout is Layout.INTERLEAVED:
+            return []
+        marker = self._glue_runs.get("unfinished_marker", NO_RUN)
+        return [(v, ((v, p + log.step_start, len(log.tokens) - log.step_start), marker))
+                for v, log in enumerate(self.workers) if len(log.tokens) > log.step_start]
+
+    def _common(self) -> _Common:
+        """This pass's common sequence (:class:`_Common`)."""
+        shared = self.shared_start()
+        segments = list(shared)
+        _extend(segments, self._head())
+        runs: list[Run] = []
+        placed = []
+        for v, theirs in self._peer_runs():
+            placed.append((v, len(runs), len(runs) + len(theirs), len(segments), segments[-1]))
+            runs += theirs
+            _extend(segments, theirs)
+        spans = {v: (begin, end, cut if segments[cut - 1] is last else None)  # a merge replaces the last one
+                 for v, begin, end, cut, last in placed}
+        return _Common(segments, len(shared), runs, spans)
+
+    def _head(self) -> list[Run]:
+        """What a view places between the shared start and the peers' runs: the others header (combined)."""
+        return [self._glue_runs.get("others_header", NO_RUN)] if self.cfg.layout is Layout.COMBINED else []
+
+    def _view(self, w: int, common: _Common) -> tuple[list[SegmentTuple], int]:
+        """Worker ``w``'s view, and how many of its first segments are those of ``common`` (the same objects):
+        the common sequence up to w's runs (all of it when w has none there), then the peers' runs after w's and
+        w's own part (the own header and uncommitted step, or the whole log in the contiguous layout)."""
         me = self.workers[w]
-        put_own(w, me.step_start, len(me.tokens))
-        return out
+        if self.cfg.layout is Layout.CONTIGUOUS:
+            own: list[Run] = [(w, self.prompt_len, len(me.tokens))]
+        else:
+            own = [self._glue_runs.get("own_header", NO_RUN),
+                   (w, self.prompt_len + me.step_start, len(me.tokens) - me.step_start)]
+        span = common.spans.get(w)
+        if span is None:  # w has no runs there: all of it
+            cut = len(common.segments)
+            out, runs = list(common.segments), own
+        elif span[2] is not None:  # the common sequence up to w's runs, then the peers' runs after them
+            cut = span[2]
+            out, runs = common.segments[:cut], common.runs[span[1]:] + own
+        else:  # w's first run merged into the segment before it, which w's view does not hold: the shared start on
+            cut = common.shared
+            out, runs = list(self.shared_start()), self._head() + common.runs[:span[0]] + common.runs[span[1]:] + own
+        _extend(out, runs)
+        return out, (cut if out[cut - 1] is common.segments[cut - 1] else cut - 1)
 
     def longest_view(self, own_tokens: int) -> int:
         """An upper bound on any worker's view length (the largest position a query can take, plus one) when every
@@ -189,14 +254,15 @@ class GroupState:
         return views
 
     def plan_pass(self) -> list[WorkerPass]:
-        """Per worker: the tokens to feed now (all not yet fed), its view including them, their query positions."""
+        """Per worker: the tokens to feed now (all not yet fed), its view including them, their query positions,
+        and how many of the view's first segments are those of the pass's common sequence (:class:`_Common`)."""
         plans = []
-        shared = self._shared_view()
+        common = self._common()
+        p = self.prompt_len
         for w, log in enumerate(self.workers):
-            segs = self._view(w, shared)
-            queries = [Query(self.prompt_len + i, _view_pos(segs, w, self.prompt_len + i))
-                       for i in range(log.fed, len(log.tokens))]
-            plans.append(WorkerPass(log.tokens[log.fed:], segs, queries))
+            view, shared = self._view(w, common)
+            positions = [(p + i, _view_pos(view, w, p + i)) for i in range(log.fed, len(log.tokens))]
+            plans.append(WorkerPass(log.tokens[log.fed:], view, positions, shared))
         return plans
 
     def mark_fed(self) -> None:
@@ -299,23 +365,29 @@ class GroupState:
         return [t for ids, open_ in self._transcript_parts() for t in (ids + marker if open_ else ids)]
 
 
-def _put(out: list[Segment], source: int, start: int, length: int) -> None:
-    """Append a run of ``length`` tokens of ``source`` from natural position ``start`` at the view's end, merged
-    into the last segment when it continues it; nothing for ``length`` <= 0. Segments are never modified: a merge
-    replaces the last one, so a list copied from a shared start stays independent of it."""
-    if length <= 0:
-        return
-    last = out[-1] if out else None
-    if last is not None and last.source == source and last.start + last.length == start:
-        out[-1] = Segment(source, last.start, last.length + length, last.view_start)
-    else:
-        out.append(Segment(source, start, length, last.view_end if last is not None else 0))
+def _extend(out: list[SegmentTuple], runs: Iterable[Run]) -> None:
+    """Append runs ``(source, start, length)`` of tokens at the view's end, each merged into the last segment when
+    it continues it; a run of length <= 0 adds nothing. Segments are never modified: a merge replaces the last
+    one, so a list copied from a shared start stays independent of it."""
+    source, start, length, view_start = out[-1] if out else (GLUE - 1, 0, 0, 0)
+    for s, a, n in runs:
+        if n <= 0:
+            continue
+        assert s >= GLUE and a >= 0, (s, a)
+        if s == source and start + length == a:
+            length += n
+            out[-1] = (source, start, length, view_start)
+        else:
+            source, start, length, view_start = s, a, n, view_start + length
+            out.append((source, start, length, view_start))
 
 
-def _view_pos(segs: list[Segment], source: int, natural: int) -> int:
-    for s in segs:
-        if s.source == source and s.start <= natural < s.start + s.length:
-            return s.view_start + natural - s.start
+def _view_pos(view: list[SegmentTuple], source: int, natural: int) -> int:
+    """The view position of a token of ``source``; searched from the view's end, where a worker's fed tokens are:
+    its uncommitted step last, or a step it committed in this pass near the end of the shared start."""
+    for s, start, length, view_start in reversed(view):
+        if s == source and start <= natural < start + length:
+            return view_start + natural - start
     raise AssertionError(f"token at natural position {natural} of source {source} is not in the view")
 
 

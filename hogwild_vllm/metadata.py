@@ -21,14 +21,17 @@ Pure Python + torch (no vLLM import): the payload must unpickle in the worker pr
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from array import array
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, islice, repeat
+from operator import attrgetter, itemgetter
 from typing import NamedTuple
+from weakref import WeakKeyDictionary
 
 import torch
 
-from hogwild_vllm.layout import GLUE, PROMPT, GroupState, Query, Segment, WorkerPass
+from hogwild_vllm.layout import GLUE, PROMPT, GroupState, Query, Segment, SegmentTuple, WorkerPass
 from hogwild_vllm.ops.reference import SegmentTable
 
 
@@ -113,41 +116,79 @@ class RowView(NamedTuple):
     queries: tuple[QueryRun, ...]
 
 
+class CommonStart(tuple):
+    """The sequence of :class:`Seg` s that the worker rows of a group start with parts of in one step (the views'
+    common sequence, ``GroupState.plan_pass``): a tuple, named only to pickle fast. One object sits in all the
+    group's rows, so pickle writes it once (then refers to it) and :func:`build_table` maps it once."""
+
+    __slots__ = ()
+
+    def __reduce__(self) -> tuple[Callable[..., CommonStart], tuple[tuple]]:
+        return _common_from_wire, (_flat(self),)
+
+
+def _common_from_wire(wire: tuple) -> CommonStart:
+    return CommonStart(_unflat(Seg, wire))
+
+
+def _flat(items: Iterable[tuple]) -> tuple:
+    """Named tuples as one flat tuple of their fields: their wire form (as plain tuples they (un)pickle several
+    times faster than as named tuples, whose generic protocol calls back into Python for each; flat, faster
+    again: no tuple, and no pickle memo entry, for each)."""
+    return tuple(chain.from_iterable(items))
+
+
+def _unflat(kind: type, wire: tuple) -> Iterable:
+    """The named tuples of ``kind`` that :func:`_flat` flattened (made without a Python call each)."""
+    fields = iter(wire)
+    return map(tuple.__new__, repeat(kind), zip(*[fields] * len(kind._fields), strict=True))  # type: ignore[attr-defined]
+
+
 @dataclass(frozen=True)
 class RowPlan:
     """One scheduled child request (worker or glue) of a group in one step.
 
     ``views`` in order; the row's scheduled tokens are the queries of ``views[0]``, then of ``views[1]``, ...
     A worker row has one view; the glue row has one view per glue piece. Queries come as runs (a prompt chunk of
-    thousands of tokens is one run), so the payload stays small. Invariants (checked at construction, not on
-    unpickling): the row's naturals are consecutive (they are a contiguous range of its request), and every query
-    token is a key of its own view at its own view position, in a segment of this request.
+    thousands of tokens is one run), so the payload stays small. ``views[0].segments`` starts with
+    ``common[:common_len]``: the part of its group's :class:`CommonStart` this row's view holds (neither field is
+    compared). Invariants (checked at construction, not on unpickling): the row's naturals are consecutive (they
+    are a contiguous range of its request), every query token is a key of its own view at its own view position,
+    in a segment of this request, and each view's segments are sorted by view position without overlap (those of
+    ``common`` are checked once for all rows, by :func:`plan_rows`).
     """
 
     request_id: str
     views: tuple[RowView, ...]
+    common: tuple[Seg, ...] = field(default=(), compare=False, repr=False)
+    common_len: int = field(default=0, compare=False, repr=False)
 
     def __post_init__(self) -> None:
-        assert self.views, f"{self.request_id}: a row needs at least one view"
+        rid, n = self.request_id, self.common_len
+        assert self.views, f"{rid}: a row needs at least one view"
+        assert 0 <= n <= len(self.common) and self.views[0].segments[:n] == self.common[:n], (
+            f"{rid}: its view does not start with its common part")
         expect: int | None = None
-        for view in self.views:
-            assert view.queries, f"{self.request_id}: a view without queries"
+        for i, (segments, queries) in enumerate(self.views):
+            assert queries, f"{rid}: a view without queries"
             end = 0
-            for s in view.segments:
-                assert s.start >= 0 and s.length > 0 and s.view_start >= end, (self.request_id, view.segments)
-                end = s.view_start + s.length
-            for run in view.queries:
-                assert run.length > 0 and (expect is None or run.natural == expect), (self.request_id, view.queries)
-                expect = run.natural + run.length
-                assert any(s.source_id == self.request_id and s.view_start - s.start == run.view - run.natural
-                           and s.start <= run.natural and expect <= s.start + s.length for s in view.segments), (
-                    f"{self.request_id}: queries {run} are not own keys of their view")
+            for _, start, length, view_start in islice(segments, n - 1 if i == 0 and n else 0, None):
+                assert start >= 0 and length > 0 and view_start >= end, (rid, segments)
+                end = view_start + length
+            for natural, view, length in queries:
+                assert length > 0 and (expect is None or natural == expect), (rid, queries)
+                expect = natural + length
+                assert _own_segment(segments, rid, natural, view, length), (
+                    f"{rid}: queries {QueryRun(natural, view, length)} are not own keys of their view")
 
-    def __reduce__(self) -> tuple[Callable[..., RowPlan], tuple[str, tuple]]:
-        # Sent every step for every group row: as plain tuples it (un)pickles several times faster than as named
-        # tuples (whose generic protocol calls back into Python for every segment).
-        wire = tuple((tuple(map(tuple, view.segments)), tuple(map(tuple, view.queries))) for view in self.views)
-        return _row_plan_from_wire, (self.request_id, wire)
+    def __reduce__(self) -> tuple[Callable[..., RowPlan], tuple[str, tuple, int, tuple]]:
+        # Sent every step for every group row, flat (_flat). The common sequence is one object in all the group's
+        # rows, so pickle writes it once; each row sends the rest of its first view.
+        n = self.common_len
+        first, *more = self.views
+        wire = [(_flat(first.segments[n:]), _flat(first.queries))]
+        wire += [(_flat(segments), _flat(queries)) for segments, queries in more]
+        return _row_plan_from_wire, (self.request_id, self.common, n, tuple(wire))
 
     @property
     def num_queries(self) -> int:
@@ -158,17 +199,34 @@ class RowPlan:
         return self.views[0].queries[0].natural
 
     def sources(self) -> set[str]:
-        return {s.source_id for view in self.views for s in view.segments}
+        out: set[str] = set()
+        for view in self.views:
+            out.update(map(_SOURCE_ID, view.segments))
+        return out
 
 
-def _row_plan_from_wire(request_id: str, wire: tuple) -> RowPlan:
+_SOURCE_ID = itemgetter(0)  # Seg.source_id
+
+
+def _own_segment(segments: Sequence[Seg], rid: str, natural: int, view: int, length: int) -> bool:
+    """Whether a segment of ``rid`` holds the query run at its view positions; searched from the view's end,
+    where a row's queries are (its newest tokens)."""
+    for source_id, start, count, view_start in reversed(segments):
+        if source_id == rid and view_start - start == view - natural and start <= natural and \
+                natural + length <= start + count:
+            return True
+    return False
+
+
+def _row_plan_from_wire(request_id: str, common: tuple[Seg, ...], common_len: int, wire: tuple) -> RowPlan:
     """Unpickle a :class:`RowPlan` (not re-checked: it was checked where it was built)."""
+    new = tuple.__new__
+    views = [new(RowView, (tuple(_unflat(Seg, segments)), tuple(_unflat(QueryRun, queries))))
+             for segments, queries in wire]
+    if common_len:
+        views[0] = new(RowView, (common[:common_len] + views[0].segments, views[0].queries))
     plan = object.__new__(RowPlan)
-    new = tuple.__new__  # named tuples without a Python call each
-    views = tuple(new(RowView, (tuple(map(new, repeat(Seg), segments)), tuple(map(new, repeat(QueryRun), queries))))
-                  for segments, queries in wire)
-    object.__setattr__(plan, "request_id", request_id)
-    object.__setattr__(plan, "views", views)
+    plan.__dict__.update(request_id=request_id, views=tuple(views), common=common, common_len=common_len)
     return plan
 
 
@@ -196,24 +254,76 @@ class HogwildStepMeta:
 def unscheduled_sources(rows: Mapping[str, RowPlan]) -> list[str]:
     """Request ids read by some row but not scheduled as a row (sorted): each needs ``extra_blocks``."""
     read: set[str] = set()
+    commons: dict[int, tuple[tuple[Seg, ...], int]] = {}  # id(common) -> (it, the longest part of it a row holds)
     for row in rows.values():
-        read |= row.sources()
+        n = row.common_len
+        if n > commons.get(id(row.common), ((), 0))[1]:
+            commons[id(row.common)] = (row.common, n)
+        for i, view in enumerate(row.views):
+            read.update(map(_SOURCE_ID, view.segments[n:] if i == 0 else view.segments))
+    for common, n in commons.values():
+        read.update(map(_SOURCE_ID, common[:n]))
     return sorted(read - set(rows))
 
 
-def _runs(queries: Sequence[Query]) -> tuple[QueryRun, ...]:
+def _runs(positions: Iterable[tuple[int, int]]) -> tuple[QueryRun, ...]:
+    """Query tokens, (natural, view position) each, as runs."""
     runs: list[QueryRun] = []
-    for q in queries:
+    for natural, view in positions:
         last = runs[-1] if runs else None
-        if last and q.natural == last.natural + last.length and q.view == last.view + last.length:
+        if last and natural == last.natural + last.length and view == last.view + last.length:
             runs[-1] = QueryRun(last.natural, last.view, last.length + 1)
         else:
-            runs.append(QueryRun(q.natural, q.view, 1))
+            runs.append(QueryRun(natural, view, 1))
     return tuple(runs)
 
 
-def _row_view(segments: Sequence[Segment], queries: Sequence[Query], name: Callable[[int], str]) -> RowView:
-    return RowView(tuple(Seg(name(s.source), s.start, s.length, s.view_start) for s in segments), _runs(queries))
+def _segs(segments: Iterable[SegmentTuple], source_ids: Mapping[int, str]) -> list[Seg]:
+    """Layout segments (as tuples) with their sources named by request id."""
+    new = tuple.__new__
+    try:
+        return [new(Seg, (source_ids[source], start, length, view_start))
+                for source, start, length, view_start in segments]
+    except KeyError as e:
+        raise ValueError(f"no request id for layout source {e.args[0]}") from None
+
+
+def _row_view(segments: Sequence[Segment], queries: Sequence[Query], source_ids: Mapping[int, str]) -> RowView:
+    return RowView(tuple(_segs([(s.source, s.start, s.length, s.view_start) for s in segments], source_ids)),
+                   _runs([(q.natural, q.view) for q in queries]))
+
+
+def _check_sorted(segments: Sequence[Seg]) -> None:
+    end = 0
+    for _, start, length, view_start in segments:
+        assert start >= 0 and length > 0 and view_start >= end, segments
+        end = view_start + length
+
+
+_COMMON_LEN = attrgetter("common")  # WorkerPass.common
+
+# Per group state, its shared start (prompt and committed steps) named by request id and checked, as of its last
+# commit: (the layout's tuple, the names used, the named segments). Named once a commit, not once a step.
+_NAMED_STARTS: WeakKeyDictionary[GroupState, tuple[tuple[SegmentTuple, ...], dict[int, str], list[Seg]]] = (
+    WeakKeyDictionary())
+
+
+def _named_common(state: GroupState, base: list[SegmentTuple], source_ids: Mapping[int, str]) -> CommonStart:
+    """A pass's common sequence ``base`` named by request id and checked (sorted, no overlap)."""
+    start = state.shared_start()
+    kept = _NAMED_STARTS.get(state)
+    if kept is None or kept[0] is not start or kept[1] != source_ids:
+        kept = (start, dict(source_ids), _segs(start, source_ids))
+        _check_sorted(kept[2])
+        _NAMED_STARTS[state] = kept
+    k = len(start)
+    if len(base) < k or tuple(base[:k]) != start:  # not this state's plans of this pass: name it all
+        named = _segs(base, source_ids)
+        _check_sorted(named)
+    else:
+        named = kept[2] + _segs(base[k:], source_ids)
+        _check_sorted(named[k - 1:])
+    return CommonStart(named)
 
 
 def source_names(state: GroupState, worker_ids: Sequence[str], prompt_id: str) -> dict[int, str]:
@@ -251,10 +361,10 @@ def plan_rows(state: GroupState, source_ids: Mapping[int, str], pass0_chunk: tup
         if plans is not None:
             raise ValueError("pass 0 takes no worker plans")
         view = [Segment(PROMPT, 0, end, 0)]
-        prompt_views = [_row_view(view, [Query(i, i) for i in range(start, end)], name)]
+        prompt_views = [_row_view(view, [Query(i, i) for i in range(start, end)], source_ids)]
         glue = state.glue_views()
         if end == state.prompt_len and glue:
-            glue_views = [_row_view(segs, qs, name) for segs, qs in glue]
+            glue_views = [_row_view(segs, qs, source_ids) for segs, qs in glue]
             if name(GLUE) == name(PROMPT):  # one request holds C then the glue: one row, one view per piece
                 prompt_views += glue_views
             else:
@@ -264,10 +374,17 @@ def plan_rows(state: GroupState, source_ids: Mapping[int, str], pass0_chunk: tup
         plans = state.plan_pass() if plans is None else plans
         if len(plans) != len(state.workers):
             raise ValueError(f"expected {len(state.workers)} worker plans, got {len(plans)}")
+        # The views' common sequence, named and checked once: every row's plan holds the same object.
+        longest = max(plans, key=_COMMON_LEN)
+        base = longest.view[: longest.common]
+        common = _named_common(state, base, source_ids)
         for w, plan in enumerate(plans):
-            if not plan.queries:
+            if not plan.positions:
                 raise ValueError(f"worker {w} feeds no token in this pass")
-            rows.append(RowPlan(name(w), (_row_view(plan.segments, plan.queries, name),)))
+            n = plan.common if plan.view[: plan.common] == base[: plan.common] else 0
+            row = tuple.__new__(RowView, (common[:n] + tuple(_segs(plan.view[n:], source_ids)),
+                                          _runs(plan.positions)))
+            rows.append(RowPlan(name(w), (row,), common, n))
     out = {row.request_id: row for row in rows}
     if len(out) != len(rows):
         raise ValueError(f"two rows share a request id: {[row.request_id for row in rows]}")
@@ -286,6 +403,12 @@ def _ints(values: torch.Tensor | Sequence[int], count: int, what: str) -> list[i
     if len(out) < count:
         raise StaleStepError(f"{what} has {len(out)} entries, the batch needs {count}")
     return [int(v) for v in out[:count]]
+
+
+def _tensor(values: array) -> torch.Tensor:
+    """An int32 array as a tensor over the same memory (which the tensor keeps alive)."""
+    assert values.typecode == "i" and values.itemsize == 4
+    return torch.frombuffer(values, dtype=torch.int32) if values else torch.empty(0, dtype=torch.int32)
 
 
 def build_table(meta: HogwildStepMeta | None, batch_req_ids: Sequence[str],
@@ -317,73 +440,122 @@ def build_table(meta: HogwildStepMeta | None, batch_req_ids: Sequence[str],
     if missing:
         raise StaleStepError(f"group rows {missing} are planned but not in the batch {list(batch_req_ids)}")
 
-    extra: list[str] = []
-    where = {rid: (r, lens[r]) for rid, r in index.items()}  # request id -> (table row, tokens it holds)
-
-    def extra_row(rid: str, reader: str) -> tuple[int, int]:
-        if meta is None or rid not in meta.extra_blocks:
-            raise StaleStepError(f"{reader} reads {rid!r}, which is neither in the batch nor in extra_blocks")
-        extra.append(rid)
-        # its length is not sent: the op bounds-checks reads against its blocks
-        where[rid] = (num_reqs + len(extra) - 1, sys.maxsize)
-        return where[rid]
-
-    segs: list[int] = []  # flat: (row, start, length, view_start) a segment
-    offsets = [0]
-    # Per query token, in batch order: its view, natural and view position. Plain Python lists, one tensor each at
-    # the end: a decode step has a few dozen tokens, where every small torch op costs more than the whole loop.
-    query_view: list[int] = []
-    naturals: list[int] = []
-    view_pos: list[int] = []
-
-    def add_queries(natural: int, view: int, count: int) -> None:
-        query_view.extend([len(offsets) - 2] * count)
-        naturals.extend(range(natural, natural + count))
-        view_pos.extend(range(view, view + count))
-
+    sources = _Sources(meta, {rid: (r, lens[r]) for rid, r in index.items()}, num_reqs)
+    out = _TableBuilder(sources)
     for r, rid in enumerate(batch_req_ids):
-        q_len = qsl[r + 1] - qsl[r]
+        q_len, end = qsl[r + 1] - qsl[r], lens[r]
         plan = rows.get(rid)
         if plan is None:
-            segs += (r, 0, lens[r], 0)
-            offsets.append(len(segs) // 4)
-            add_queries(lens[r] - q_len, lens[r] - q_len, q_len)
-            continue
-        if plan.num_queries != q_len or plan.first_natural + q_len != lens[r]:
-            raise StaleStepError(
-                f"row {r} ({rid!r}) is scheduled for {q_len} tokens ending at position {lens[r]}, but its plan has "
-                f"{plan.num_queries} queries from position {plan.first_natural}")
-        for segments, queries in plan.views:
-            for source_id, start, length, view_start in segments:
-                row, held = where.get(source_id) or extra_row(source_id, rid)
-                if start + length > held:
-                    raise StaleStepError(f"{rid} reads tokens {start}..{start + length - 1} of {source_id!r}, "
-                                         f"which holds {held}")
-                segs += (row, start, length, view_start)
-            offsets.append(len(segs) // 4)
-            for natural, view, count in queries:
-                add_queries(natural, view, count)
-
-    if len(query_view) != qsl[num_reqs] - qsl[0]:
-        raise StaleStepError(f"the rows hold {len(query_view)} query tokens, query_start_loc says "
+            out.add_plain(r, q_len, end)
+        elif plan.views[0].queries[0].natural + q_len != end or out.add_plan(plan, rid) != q_len:
+            raise StaleStepError(f"row {r} ({rid!r}) is scheduled for {q_len} tokens ending at position {end}, but "
+                                 f"its plan has {plan.num_queries} queries from position {plan.first_natural}")
+    if len(out.query_view) != qsl[num_reqs] - qsl[0]:
+        raise StaleStepError(f"the rows hold {len(out.query_view)} query tokens, query_start_loc says "
                              f"{qsl[num_reqs] - qsl[0]}")
-    table = SegmentTable(
-        segments=torch.tensor(segs, dtype=torch.int32).reshape(-1, 4).to(device),  # [S, 4]
-        view_offsets=torch.tensor(offsets, dtype=torch.int32).to(device),  # [V + 1]
-        query_view=torch.tensor(query_view, dtype=torch.int32).to(device),  # [T]
-        query_pos=torch.tensor([naturals, view_pos], dtype=torch.int32).T.contiguous().to(device),  # [T, 2]
-    )
-    if not extra:
+    table = out.table(device)
+    if not sources.extra:
         return table, block_table
-    width = block_table.shape[1]
-    assert meta is not None
-    added = torch.zeros(len(extra), width, dtype=block_table.dtype)  # [E, max_blocks]
-    for i, rid in enumerate(extra):
-        blocks = meta.extra_blocks[rid]
-        if len(blocks) > width:
-            raise StaleStepError(f"{rid!r} has {len(blocks)} blocks, the block table holds {width} per row")
-        added[i, : len(blocks)] = torch.tensor(blocks, dtype=block_table.dtype)
-    return table, torch.cat([block_table[:num_reqs], added.to(block_table.device)])
+    return table, torch.cat([block_table[:num_reqs], sources.block_rows(block_table)])
+
+
+class _TableBuilder:
+    """A SegmentTable's int32 arrays, filled row by row, then one tensor each over the same memory: a decode step
+    has a few dozen tokens and a few hundred segments, where every small torch op costs more than the loop, and
+    building the tensors from Python lists would cost as much again."""
+
+    def __init__(self, sources: _Sources) -> None:
+        self.sources = sources
+        self.segs = array("i")  # flat: (row, start, length, view_start) a segment
+        self.offsets = array("i", [0])
+        self.query_view = array("i")  # per query token, in batch order: its view
+        self.query_pos = array("i")  # flat: (natural, view position) a query token
+        self.commons: dict[int, array] = {}  # id(plan.common) -> its segments mapped: once for a group's rows
+
+    def add_plain(self, row: int, q_len: int, seq_len: int) -> None:
+        """A row outside groups: its own tokens, causal, delta 0."""
+        self.segs.fromlist([row, 0, seq_len, 0])
+        self.offsets.append(len(self.segs) >> 2)
+        self.query_view.extend(repeat(len(self.offsets) - 2, q_len))
+        first = seq_len - q_len
+        self.query_pos.fromlist([p for k in range(q_len) for p in (first + k, first + k)])
+
+    def add_plan(self, plan: RowPlan, reader: str) -> int:
+        """A group row's views, its sources mapped; returns how many query tokens it added."""
+        segs, offsets, query_view, query_pos = self.segs, self.offsets, self.query_view, self.query_pos
+        mapped = self.sources.mapped
+        added = len(query_view)
+        n = plan.common_len
+        for segments, queries in plan.views:
+            if n:
+                common = self.commons.get(id(plan.common))
+                if common is None:
+                    common = self.commons[id(plan.common)] = array("i", mapped(plan.common, reader))
+                segs.extend(common[: 4 * n])
+                segments, n = segments[n:], 0
+            segs.fromlist(mapped(segments, reader))
+            view = len(offsets) - 1
+            offsets.append(len(segs) >> 2)
+            for natural, view_pos, count in queries:
+                if count == 1:  # decode
+                    query_view.append(view)
+                    query_pos.fromlist([natural, view_pos])
+                else:
+                    query_view.extend(repeat(view, count))
+                    query_pos.fromlist([p for k in range(count) for p in (natural + k, view_pos + k)])
+        return len(query_view) - added
+
+    def table(self, device: torch.device | str) -> SegmentTable:
+        return SegmentTable(
+            segments=_tensor(self.segs).view(-1, 4).to(device),  # [S, 4]
+            view_offsets=_tensor(self.offsets).to(device),  # [V + 1]
+            query_view=_tensor(self.query_view).to(device),  # [T]
+            query_pos=_tensor(self.query_pos).view(-1, 2).to(device),  # [T, 2]
+        )
+
+
+class _Sources:
+    """Where :func:`build_table` finds each request a row reads: its batch row, or an extra block-table row
+    (appended in order of first use) for a request in ``meta.extra_blocks``."""
+
+    def __init__(self, meta: HogwildStepMeta | None, where: dict[str, tuple[int, int]], num_reqs: int) -> None:
+        self.meta = meta
+        self.where = where  # request id -> (table row, tokens it holds)
+        self.num_reqs = num_reqs
+        self.extra: list[str] = []
+
+    def extra_row(self, rid: str, reader: str) -> tuple[int, int]:
+        if self.meta is None or rid not in self.meta.extra_blocks:
+            raise StaleStepError(f"{reader} reads {rid!r}, which is neither in the batch nor in extra_blocks")
+        self.extra.append(rid)
+        # its length is not sent: the op bounds-checks reads against its blocks
+        self.where[rid] = (self.num_reqs + len(self.extra) - 1, sys.maxsize)
+        return self.where[rid]
+
+    def mapped(self, segments: Iterable[Seg], reader: str) -> list[int]:
+        """Segments as flat (row, start, length, view_start) ints."""
+        out: list[int] = []
+        where = self.where
+        for source_id, start, length, view_start in segments:
+            row, held = where.get(source_id) or self.extra_row(source_id, reader)
+            if start + length > held:
+                raise StaleStepError(f"{reader} reads tokens {start}..{start + length - 1} of {source_id!r}, "
+                                     f"which holds {held}")
+            out += (row, start, length, view_start)
+        return out
+
+    def block_rows(self, block_table: torch.Tensor) -> torch.Tensor:
+        """[E, max_blocks]: the extra rows' block ids, zero-padded to the table's width, on its device."""
+        assert self.meta is not None
+        width = block_table.shape[1]
+        flat = array("i")
+        for rid in self.extra:
+            blocks = self.meta.extra_blocks[rid]
+            if len(blocks) > width:
+                raise StaleStepError(f"{rid!r} has {len(blocks)} blocks, the block table holds {width} per row")
+            flat.fromlist(list(blocks))
+            flat.frombytes(bytes(4 * (width - len(blocks))))
+        return _tensor(flat).view(-1, width).to(block_table.dtype).to(block_table.device)
 
 
 # ---- which tokens take the plain kernel -------------------------------------------------------------------------

@@ -698,11 +698,30 @@ def check_state(state: GroupState, oracle: Oracle) -> None:
     assert state.transcript() == oracle.transcript()
 
 
+def check_shared_start(state: GroupState) -> None:
+    """The kept shared start equals one built from scratch for the same history: the prompt, then the committed
+    steps (step layouts), coalesced."""
+    fresh = GroupState(state.cfg, state.prompt_len, state.codec)
+    fresh.history = list(state.history)
+    assert state.shared_start() == fresh.shared_start()
+    steps = [(v, state.prompt_len + i) for v, a, b in state.history for i in range(a, b)]
+    assert expand([S(*s) for s in state.shared_start()]) == [(PROMPT, i) for i in range(state.prompt_len)] + (
+        steps if state.cfg.layout.has_steps else [])
+
+
 def check_plan(state: GroupState, fed: list[list[int]]) -> None:
-    """(e) each fed token's query view position maps back to it; every token is fed exactly once, in order."""
+    """(e) each fed token's query view position maps back to it; every token is fed exactly once, in order;
+    the plans' common parts are parts of one sequence (the same objects), which starts with the shared start."""
     P = state.prompt_len
     bound = state.longest_view(max(len(log.tokens) for log in state.workers))
-    for w, plan in enumerate(state.plan_pass()):
+    plans = state.plan_pass()
+    longest = max(plans, key=lambda plan: plan.common)
+    shared = state.shared_start()
+    for plan in plans:
+        assert len(shared) - 1 <= plan.common <= len(plan.view)
+        assert all(a is b for a, b in zip(plan.view[: plan.common], longest.view, strict=False))
+        assert all(a is b for a, b in zip(plan.view, shared[:-1], strict=False))
+    for w, plan in enumerate(plans):
         log = state.workers[w]
         assert plan.segments == state.view(w)
         view = expand(plan.segments)
@@ -713,6 +732,24 @@ def check_plan(state: GroupState, fed: list[list[int]]) -> None:
             assert view[q.view] == (w, q.natural)
             fed[w].append(q.natural - P)
         assert fed[w] == list(range(len(log.tokens)))
+
+
+def test_shared_start_is_kept_until_a_commit() -> None:
+    st_ = make("combined", 2)
+    run(st_, [["a", "b"]])
+    kept = st_.shared_start()
+    run(st_, [["a", "b"], ["b", "a"]])
+    assert st_.shared_start() is kept and st_.history == []
+    run(st_, [[".\n\n", "a"]])  # A commits: the start grows by A's step, built on from the kept one
+    assert st_.history == [(0, 0, 7)] and st_.shared_start() is not kept
+    assert st_.shared_start() == ((PROMPT, 0, 10, 0), (0, 10, 7, 10))
+    check_shared_start(st_)
+    run(st_, [["b", "a"], [".\n\n", "a"]])  # A's next step: adjacent in A's log, merged into one segment
+    assert st_.history == [(0, 0, 7), (0, 7, 12)]
+    assert st_.shared_start() == ((PROMPT, 0, 10, 0), (0, 10, 12, 10))
+    run(st_, [["a", ".\n\n"]])  # then B's
+    assert st_.shared_start() == ((PROMPT, 0, 10, 0), (0, 10, 12, 10), (1, 10, 10, 22))
+    check_shared_start(st_)
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -741,6 +778,7 @@ def test_random_scripts(sc: dict) -> None:
         check_state(state, oracle)
         check_views(state, oracle)
         check_history(state)
+        check_shared_start(state)
     check_plan(state, fed)
     event(f"layout={cfg.layout.value} finish={state.finish_reason}")
     if cfg.layout is not Layout.CONTIGUOUS:

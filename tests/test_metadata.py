@@ -344,6 +344,36 @@ def test_payload_pickles_small() -> None:
     assert len(pickle.dumps(HogwildStepMeta(chunk))) < 500  # a prompt chunk is one query run, whatever its size
 
 
+def test_rows_share_one_common_sequence_through_commits_and_pickling() -> None:
+    """A pass's rows hold one common object (named once, kept from the last commit), equal to naming each view
+    from scratch; after pickling, still one object and the same views."""
+    state = make_state("combined", 4)
+    names = source_names(state, [f"g::w{w}" for w in range(4)], "g::prompt")
+    for k in range(30):
+        plans = state.plan_pass()
+        rows = plan_rows(state, names, plans=plans)
+        assert len({id(row.common) for row in rows.values()}) == 1
+        for w, plan in enumerate(plans):
+            row = rows[names[w]]
+            (view,) = row.views
+            assert view.segments == tuple(Seg(names[s.source], s.start, s.length, s.view_start)
+                                          for s in plan.segments)
+            assert row.common_len == plan.common and view.segments[: plan.common] == row.common[: plan.common]
+        back = pickle.loads(pickle.dumps(HogwildStepMeta(rows, {"g::prompt": (1, 2)})))
+        assert len({id(row.common) for row in back.rows.values()}) == 1
+        for rid, row in rows.items():
+            assert back.rows[rid].views == row.views and back.rows[rid].common_len == row.common_len
+        state.mark_fed()
+        state.on_sampled([ord(script(w)[k]) for w in range(4)])
+    assert len(state.history) >= 4
+    # Other request ids for the same state and pass: nothing named with the first ids comes back.
+    other = source_names(state, [f"h::w{w}" for w in range(4)], "h::prompt")
+    plans = state.plan_pass()
+    plan_rows(state, names, plans=plans)
+    rows = plan_rows(state, other, plans=plans)
+    assert {s.source_id for row in rows.values() for s in row.views[0].segments} <= set(other.values())
+
+
 def test_row_plan_invariants() -> None:
     own = (Seg("a", 0, 5, 0),)
     RowPlan("a", (RowView(own, (QueryRun(3, 3, 2),)),))
@@ -357,6 +387,12 @@ def test_row_plan_invariants() -> None:
         RowPlan("a", (RowView((Seg("b", 0, 3, 0), Seg("a", 0, 5, 2)), (QueryRun(4, 6, 1),)),))  # overlap
     with pytest.raises(AssertionError):
         HogwildStepMeta({"x": RowPlan("a", (RowView(own, (QueryRun(3, 3, 2),)),))})
+    common = (Seg("b", 0, 3, 0), Seg("a", 0, 5, 3))
+    RowPlan("a", (RowView(common, (QueryRun(4, 7, 1),)),), common, 1)
+    with pytest.raises(AssertionError, match="common part"):
+        RowPlan("a", (RowView(common[1:], (QueryRun(4, 7, 1),)),), common, 1)  # does not start with it
+    with pytest.raises(AssertionError):  # an overlap right after the common part is still found
+        RowPlan("a", (RowView((common[0], Seg("a", 0, 5, 2)), (QueryRun(4, 6, 1),)),), common, 1)
 
 
 # ---- stale or mismatched steps -----------------------------------------------------------------------------------
