@@ -116,25 +116,8 @@ class RowView(NamedTuple):
     queries: tuple[QueryRun, ...]
 
 
-class CommonStart(tuple):
-    """The sequence of :class:`Seg` s that the worker rows of a group start with parts of in one step (the views'
-    common sequence, ``GroupState.plan_pass``): a tuple, named only to pickle fast. One object sits in all the
-    group's rows, so pickle writes it once (then refers to it) and :func:`build_table` maps it once."""
-
-    __slots__ = ()
-
-    def __reduce__(self) -> tuple[Callable[..., CommonStart], tuple[tuple]]:
-        return _common_from_wire, (_flat(self),)
-
-
-def _common_from_wire(wire: tuple) -> CommonStart:
-    return CommonStart(_unflat(Seg, wire))
-
-
 def _flat(items: Iterable[tuple]) -> tuple:
-    """Named tuples as one flat tuple of their fields: their wire form (as plain tuples they (un)pickle several
-    times faster than as named tuples, whose generic protocol calls back into Python for each; flat, faster
-    again: no tuple, and no pickle memo entry, for each)."""
+    """Named tuples as one flat tuple of their fields."""
     return tuple(chain.from_iterable(items))
 
 
@@ -151,7 +134,8 @@ class RowPlan:
     ``views`` in order; the row's scheduled tokens are the queries of ``views[0]``, then of ``views[1]``, ...
     A worker row has one view; the glue row has one view per glue piece. Queries come as runs (a prompt chunk of
     thousands of tokens is one run), so the payload stays small. ``views[0].segments`` starts with
-    ``common[:common_len]``: the part of its group's :class:`CommonStart` this row's view holds (neither field is
+    ``common[:common_len]``: its part of the sequence that the group's worker views start with parts of in this
+    step (``GroupState.plan_pass``), one object in all its rows, pickled and mapped once (neither field is
     compared). Invariants (checked at construction, not on unpickling): the row's naturals are consecutive (they
     are a contiguous range of its request), every query token is a key of its own view at its own view position,
     in a segment of this request, and each view's segments are sorted by view position without overlap (those of
@@ -181,14 +165,8 @@ class RowPlan:
                 assert _own_segment(segments, rid, natural, view, length), (
                     f"{rid}: queries {QueryRun(natural, view, length)} are not own keys of their view")
 
-    def __reduce__(self) -> tuple[Callable[..., RowPlan], tuple[str, tuple, int, tuple]]:
-        # Sent every step for every group row, flat (_flat). The common sequence is one object in all the group's
-        # rows, so pickle writes it once; each row sends the rest of its first view.
-        n = self.common_len
-        first, *more = self.views
-        wire = [(_flat(first.segments[n:]), _flat(first.queries))]
-        wire += [(_flat(segments), _flat(queries)) for segments, queries in more]
-        return _row_plan_from_wire, (self.request_id, self.common, n, tuple(wire))
+    def __reduce__(self) -> tuple[Callable[..., RowPlan], tuple[tuple]]:
+        return _row_plan_from_wire, (_rows_wire([self]),)
 
     @property
     def num_queries(self) -> int:
@@ -218,15 +196,54 @@ def _own_segment(segments: Sequence[Seg], rid: str, natural: int, view: int, len
     return False
 
 
-def _row_plan_from_wire(request_id: str, common: tuple[Seg, ...], common_len: int, wire: tuple) -> RowPlan:
-    """Unpickle a :class:`RowPlan` (not re-checked: it was checked where it was built)."""
+def _rows_wire(rows: Iterable[RowPlan]) -> tuple[tuple, tuple, tuple, tuple]:
+    """Rows as plain data, to pickle: sent every step for every group row, where named tuples would (un)pickle
+    several times slower (their generic protocol calls back into Python for each) and so would a reduce per row.
+    Each distinct common sequence goes once; the rest of every view goes flat, in two tuples for all rows."""
+    index: dict[int, int] = {}  # id(common) -> its place in ``commons``
+    commons: list[tuple] = []
+    heads: list[tuple[str, int, int, tuple[int, ...]]] = []  # request id, common's place (or -1), its length, sizes
+    segments: list = []  # Seg fields of every view past its common part
+    queries: list = []  # QueryRun fields
+    for row in rows:
+        place = index.get(id(row.common), -1) if row.common else -1
+        if place < 0 and row.common:
+            place = index[id(row.common)] = len(commons)
+            commons.append(_flat(row.common))
+        sizes: list[int] = []
+        for i, (segs, runs) in enumerate(row.views):
+            segs = segs[row.common_len:] if i == 0 else segs
+            segments += chain.from_iterable(segs)
+            queries += chain.from_iterable(runs)
+            sizes += (len(segs), len(runs))
+        heads.append((row.request_id, place, row.common_len, tuple(sizes)))
+    return tuple(commons), tuple(heads), tuple(segments), tuple(queries)
+
+
+def _rows_from_wire(wire: tuple[tuple, tuple, tuple, tuple]) -> list[RowPlan]:
+    """The rows of :func:`_rows_wire` (not re-checked: they were checked where they were built)."""
+    flat_commons, heads, flat_segments, flat_queries = wire
+    commons = [tuple(_unflat(Seg, flat)) for flat in flat_commons]
+    segments, queries = tuple(_unflat(Seg, flat_segments)), tuple(_unflat(QueryRun, flat_queries))
     new = tuple.__new__
-    views = [new(RowView, (tuple(_unflat(Seg, segments)), tuple(_unflat(QueryRun, queries))))
-             for segments, queries in wire]
-    if common_len:
-        views[0] = new(RowView, (common[:common_len] + views[0].segments, views[0].queries))
-    plan = object.__new__(RowPlan)
-    plan.__dict__.update(request_id=request_id, views=tuple(views), common=common, common_len=common_len)
+    out = []
+    s = q = 0
+    for rid, place, n, sizes in heads:
+        views = []
+        for k in range(0, len(sizes), 2):
+            views.append(new(RowView, (segments[s: s + sizes[k]], queries[q: q + sizes[k + 1]])))
+            s, q = s + sizes[k], q + sizes[k + 1]
+        common = commons[place] if place >= 0 else ()
+        if n:
+            views[0] = new(RowView, (common[:n] + views[0].segments, views[0].queries))
+        plan = object.__new__(RowPlan)
+        plan.__dict__.update(request_id=rid, views=tuple(views), common=common, common_len=n)
+        out.append(plan)
+    return out
+
+
+def _row_plan_from_wire(wire: tuple[tuple, tuple, tuple, tuple]) -> RowPlan:
+    (plan,) = _rows_from_wire(wire)
     return plan
 
 
@@ -249,6 +266,18 @@ class HogwildStepMeta:
             assert rid == row.request_id, f"rows[{rid!r}] holds the plan of {row.request_id!r}"
         both = set(self.extra_blocks) & set(self.rows)
         assert not both, f"scheduled rows {sorted(both)} must not be in extra_blocks"
+
+    def __reduce__(self) -> tuple[Callable[..., HogwildStepMeta], tuple]:
+        # All rows in one wire (_rows_wire), rebuilt in one sweep.
+        return _meta_from_wire, (_rows_wire(self.rows.values()), self.extra_blocks, self.forced)
+
+
+def _meta_from_wire(rows: tuple[tuple, tuple, tuple, tuple], extra_blocks: dict[str, tuple[int, ...]],
+                    forced: dict[str, tuple[int, ...]]) -> HogwildStepMeta:
+    meta = object.__new__(HogwildStepMeta)
+    meta.__dict__.update(rows={row.request_id: row for row in _rows_from_wire(rows)}, extra_blocks=extra_blocks,
+                         forced=forced)
+    return meta
 
 
 def unscheduled_sources(rows: Mapping[str, RowPlan]) -> list[str]:
@@ -308,7 +337,7 @@ _NAMED_STARTS: WeakKeyDictionary[GroupState, tuple[tuple[SegmentTuple, ...], dic
     WeakKeyDictionary())
 
 
-def _named_common(state: GroupState, base: list[SegmentTuple], source_ids: Mapping[int, str]) -> CommonStart:
+def _named_common(state: GroupState, base: list[SegmentTuple], source_ids: Mapping[int, str]) -> tuple[Seg, ...]:
     """A pass's common sequence ``base`` named by request id and checked (sorted, no overlap)."""
     start = state.shared_start()
     kept = _NAMED_STARTS.get(state)
@@ -323,7 +352,7 @@ def _named_common(state: GroupState, base: list[SegmentTuple], source_ids: Mappi
     else:
         named = kept[2] + _segs(base[k:], source_ids)
         _check_sorted(named[k - 1:])
-    return CommonStart(named)
+    return tuple(named)
 
 
 def source_names(state: GroupState, worker_ids: Sequence[str], prompt_id: str) -> dict[int, str]:
