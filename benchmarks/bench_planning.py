@@ -194,7 +194,7 @@ def step(run: Run, tokens: list[int], prompt_blocks: tuple[int, ...], forced: di
         for piece, dt in zip(PIECES, (t1 - t0, t2 - t1, t3 - t2, t5 - t4, t6 - t5), strict=True):
             run.times[piece].append(dt)
         run.payload.append(len(blob))
-        run.segments.append(len(plans[0].segments))
+        run.segments.append(len(getattr(plans[0], "view", None) or plans[0].segments))
 
 
 def forced_after(state: Any, names: dict[int, str]) -> dict[str, tuple[int, ...]]:

@@ -67,7 +67,8 @@ class Query:
 
 
 class WorkerPass(NamedTuple):
-    """One worker's part of a pass, as plain tuples; ``segments`` and ``queries`` give the typed objects."""
+    """One worker's part of a pass. The view is kept as plain tuples (:data:`SegmentTuple`), the form it is built
+    in; ``segments`` and ``queries`` make the typed objects."""
 
     tokens: list[int]  # fed this pass, in log order
     view: list[SegmentTuple]  # the worker's whole view after this pass's tokens are written
@@ -229,7 +230,7 @@ class GroupState:
         elif span[2] is not None:  # the common sequence up to w's runs, then the peers' runs after them
             cut = span[2]
             out, runs = common.segments[:cut], common.runs[span[1]:] + own
-        else:  # w's first run merged into the segment before it, which w's view does not hold: the shared start on
+        else:  # w's first run merged into the segment before it, which w's view does not hold: from the shared start
             cut = common.shared
             out, runs = list(self.shared_start()), self._head() + common.runs[:span[0]] + common.runs[span[1]:] + own
         _extend(out, runs)

@@ -211,11 +211,12 @@ def _rows_wire(rows: Iterable[RowPlan]) -> tuple[tuple, tuple, tuple, tuple]:
             place = index[id(row.common)] = len(commons)
             commons.append(_flat(row.common))
         sizes: list[int] = []
-        for i, (segs, runs) in enumerate(row.views):
-            segs = segs[row.common_len:] if i == 0 else segs
-            segments += chain.from_iterable(segs)
+        skip = row.common_len  # of the first view only
+        for segs, runs in row.views:
+            segments += chain.from_iterable(islice(segs, skip, None))
             queries += chain.from_iterable(runs)
-            sizes += (len(segs), len(runs))
+            sizes += (len(segs) - skip, len(runs))
+            skip = 0
         heads.append((row.request_id, place, row.common_len, tuple(sizes)))
     return tuple(commons), tuple(heads), tuple(segments), tuple(queries)
 
@@ -566,7 +567,10 @@ class _Sources:
         out: list[int] = []
         where = self.where
         for source_id, start, length, view_start in segments:
-            row, held = where.get(source_id) or self.extra_row(source_id, reader)
+            try:
+                row, held = where[source_id]
+            except KeyError:
+                row, held = self.extra_row(source_id, reader)
             if start + length > held:
                 raise StaleStepError(f"{reader} reads tokens {start}..{start + length - 1} of {source_id!r}, "
                                      f"which holds {held}")
