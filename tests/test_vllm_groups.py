@@ -8,6 +8,7 @@ separator (steps commit often) and the groups run to their budget.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -27,6 +28,8 @@ TEMPLATES = {"step_separator": "\n", "answer_marker": "ANSWER{", "finisher_suffi
 PLAIN = ["Hello there. We start", "The sum of 3 and 4 is", "**Bob [2]:** we", "x" * 120]
 MIXED = ((2, "combined", {}), (3, "interleaved", {}), (4, "contiguous", {}),
          (2, "combined", {"temperature": 0.9, "seed": 7}))  # seeded sampling: reproducible, batch-independent
+CHOICES_BATCH = 5 + len(MIXED)
+CHOICE_GROUPS = (("combined", 2), ("interleaved", 3))  # as one choice per worker (n = workers)
 
 
 def options(workers: int, layout: str, max_tokens: int = MAX_TOKENS, **extra: Any) -> dict[str, Any]:
@@ -69,6 +72,13 @@ class Runs:
         self.checks = group_item(3, "combined", "Check each other.", max_tokens=128, collab_check_every=48,
                                  worker_names=["Ann", "Ben", "Cid"])
         self.too_long = group_item(2, "combined", "Too long.", max_tokens=MAX_MODEL_LEN)
+        # The same groups as in batch 0, asked for as n choices: greedy as temperature 0 (workers left out: they
+        # default to n) and as temperature 1 with top_k 1 (workers given).
+        first, second = (self.groups[LAYOUTS.index(lay) * len(WORKERS) + WORKERS.index(n)] for lay, n in CHOICE_GROUPS)
+        self.choices = [
+            {**first, "hogwild": {k: v for k, v in first["hogwild"].items() if k != "workers"}, "n": 2},
+            {**second, "n": 3, "temperature": 1.0, "top_k": 1},
+        ]
         batches = [
             self.groups + self.plain + [self.finisher, self.checks],  # 0: everything at once
             self.plain,  # 1
@@ -76,6 +86,7 @@ class Runs:
             self.mixed + self.plain,  # 3: the mixed batch
             [self.too_long, self.plain[0]],  # 4
             *[[g] for g in self.mixed],  # 5, ...: each mixed group alone
+            [*self.choices, self.plain[0]],  # CHOICES_BATCH
         ]
         self.engine = GroupBatches(tmp_path_factory.mktemp("groups"), self.model, batches,
                                    {"max_model_len": MAX_MODEL_LEN})
@@ -187,3 +198,18 @@ def test_group_too_long_for_the_engine_gets_an_error_output(runs: Runs):
     message = bad["kv_transfer_params"]["hogwild"]["error"]
     assert f"exceeds max_model_len {MAX_MODEL_LEN}" in message
     assert plain["token_ids"] == runs.outputs(1)[0]["token_ids"]
+
+
+def test_one_choice_per_worker_equals_reference(runs: Runs):
+    outs = runs.outputs(CHOICES_BATCH)
+    for out, (layout, n) in zip(outs, CHOICE_GROUPS, strict=False):
+        ref = runs.reference[LAYOUTS.index(layout) * len(WORKERS) + WORKERS.index(n)]
+        choices = out["choices"]
+        assert [c["token_ids"] for c in choices] == [w.token_ids for w in ref.workers]
+        assert [c["text"] for c in choices] == [runs.codec.decode(w.token_ids) for w in ref.workers]
+        assert {c["finish_reason"] for c in choices} == {"length"}
+        for c in choices:
+            summary = json.loads(c["stop_reason"])["hogwild"]
+            assert summary["transcript"] == ref.transcript and summary["finish_reason"] == "length"
+        assert [w["token_ids"] for w in group_result(out)["workers"]] == [w.token_ids for w in ref.workers]
+    assert outs[-1]["token_ids"] == runs.outputs(1)[0]["token_ids"]  # a plain request beside them

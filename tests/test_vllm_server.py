@@ -122,3 +122,69 @@ def test_plain_requests_unaffected(server, client):
                                      temperature=0.0)
     assert resp.choices[0].finish_reason == "length"
     assert resp.model_dump().get("kv_transfer_params") is None
+
+
+def test_streamed_choices_are_the_workers_live(server, client):
+    """n = workers: each worker is a choice, streamed as it is generated; the deltas reassemble to the
+    non-streamed response, which equals the reference engine (greedy); every choice ends with the result."""
+    from transformers import AutoTokenizer
+
+    from hogwild_vllm.reference_engine import ReferenceEngine
+
+    model = server[1]
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    cfg = GroupConfig.from_dict(OPTIONS)
+    prompt = build_prompt_ids(tokenizer, "What is 7 + 8?", cfg)
+    options = json.dumps({k: v for k, v in OPTIONS.items() if k != "workers"})  # workers default to n
+    request = dict(model=model, prompt=prompt, max_tokens=1, temperature=0.0, n=cfg.workers,
+                   extra_body={"vllm_xargs": {"hogwild": options}})
+    texts, chunks, finish, stop = [""] * cfg.workers, [0] * cfg.workers, [None] * cfg.workers, [None] * cfg.workers
+    for chunk in client.completions.create(stream=True, **request):
+        for choice in chunk.choices:
+            texts[choice.index] += choice.text
+            chunks[choice.index] += 1
+            if choice.finish_reason is not None:
+                finish[choice.index] = choice.finish_reason
+                stop[choice.index] = (choice.model_extra or {}).get("stop_reason")
+    whole = client.completions.create(**request)
+    assert [c.text for c in sorted(whole.choices, key=lambda c: c.index)] == texts
+    ref = ReferenceEngine(model).generate(prompt_ids=prompt, cfg=cfg)
+    assert texts == [tokenizer.decode(w.token_ids) for w in ref.workers]
+    assert all(n > 10 for n in chunks), chunks  # token by token, not one piece at the end
+    assert finish == ["length"] * cfg.workers
+    for s in stop:
+        summary = json.loads(s)["hogwild"]
+        assert summary["transcript"] == ref.transcript and summary["usage"]["forward_passes"] > 1
+    result = whole.model_dump()["kv_transfer_params"]["hogwild"]
+    assert [w["token_ids"] for w in result["workers"]] == [w.token_ids for w in ref.workers]
+
+
+def test_streamed_chat_choices(server, client):
+    stream = client.chat.completions.create(
+        model=server[1], messages=[{"role": "user", "content": "Name two colours."}], n=2, temperature=1.0,
+        seed=3, stream=True, extra_body={"vllm_xargs": {"hogwild": json.dumps(OPTIONS)}})
+    content = ["", ""]
+    for chunk in stream:
+        for choice in chunk.choices:
+            content[choice.index] += choice.delta.content or ""
+    assert content[0].startswith("**Alice [1]:**") and content[1].startswith("**Bob [1]:**")
+
+
+def test_choices_that_disagree_with_workers_are_a_400(server, client):
+    import openai
+
+    with pytest.raises(openai.BadRequestError, match="n=3 asks for one choice per worker"):
+        client.completions.create(model=server[1], prompt="Hi", max_tokens=1, n=3,
+                                  extra_body={"vllm_xargs": {"hogwild": json.dumps(OPTIONS)}})
+
+
+def test_stream_client_example(server):
+    """examples/stream_client.py against the real server: every worker's text appears, tagged, then the result."""
+    script = Path(__file__).resolve().parents[1] / "examples" / "stream_client.py"
+    options = json.dumps({k: v for k, v in OPTIONS.items() if k not in ("workers", "max_tokens")})
+    run = subprocess.run([sys.executable, str(script), "What is 2 + 2?", "--base-url", server[0], "--model",
+                          server[1], "--workers", "2", "--max-tokens", "32", "--options", options, "--transcript"],
+                         capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "[Alice] **Alice [1]:** Hi, I'm Alice." in run.stdout and "[Bob] **Bob [1]:**" in run.stdout
+    assert "== finish: length" in run.stdout and "== transcript" in run.stdout
