@@ -40,8 +40,9 @@ Patches (each: why / how / upstream status / removal plan):
    patch. Upstream: none. Removal: if vLLM allows greedy ``n > 1`` (identical choices are legitimate there too).
 
 Private attributes the scheduler reads or writes are behind the helpers at the end of this module ("Scheduler
-touch points"): prompt-block sharing between requests, reservations, the banned tokens of a child request, a
-request's block hasher, the step payload on ``SchedulerOutput`` and the budgets lowered around ``schedule()``.
+touch points"): prompt-block sharing between requests, reservations, the prefix-cache lookup and caching of a
+group's common prompt, the banned tokens of a child request, a request's block hasher, the step payload on
+``SchedulerOutput`` and the budgets lowered around ``schedule()``.
 
 Request validation is not a patch: ``hogwild_vllm.validation.HogwildRequestValidator`` is a public
 ``vllm.logits_processors`` entry point whose ``validate_params`` runs in the frontend for every request.
@@ -407,6 +408,10 @@ def request_block_hasher(request: Any) -> Any:
     return request._block_hasher
 
 
+def request_cache_salt(request: Any) -> str | None:
+    return getattr(request, "cache_salt", None)
+
+
 def usable_free_blocks(kv_cache_manager: Any) -> int:
     """Free KV blocks a reservation may take (vLLM keeps a watermark free for running requests)."""
     return int(kv_cache_manager.block_pool.get_num_free_blocks() - kv_cache_manager.watermark_blocks)
@@ -417,12 +422,39 @@ def total_blocks(kv_cache_manager: Any) -> int:
     return int(kv_cache_manager.block_pool.num_gpu_blocks - 1)
 
 
-def reserve(kv_cache_manager: Any, request: Any, num_tokens: int) -> None:
-    """Allocate ``num_tokens`` more slots for ``request`` now; its blocks never enter the prefix cache."""
-    if kv_cache_manager.allocate_slots(request, num_tokens, delay_cache_blocks=True,
-                                       has_scheduled_reqs=False) is None:
+class CachedPrefix(NamedTuple):
+    blocks: Any  # KVCacheBlocks of the hit (None when there is none)
+    tokens: int  # prompt tokens they hold (a multiple of the block size)
+
+
+def cached_prefix(kv_cache_manager: Any, request: Any, max_tokens: int, block_size: int) -> CachedPrefix:
+    """The longest start of ``request``'s prompt already in the prefix cache, cut to at most ``max_tokens`` and to
+    whole blocks (no hit when prefix caching is off or the request has no block hashes). Counted in the engine's
+    prefix-cache statistics like a plain request's lookup."""
+    blocks, hit, _ = kv_cache_manager.get_computed_blocks(request)
+    tokens = min(hit, max_tokens) // block_size * block_size
+    if request.block_hashes:
+        kv_cache_manager.record_prefix_cache_stats(request, tokens)
+    if tokens == 0:
+        return CachedPrefix(None, 0)
+    return CachedPrefix(kv_cache_manager.truncate_computed_blocks(blocks, tokens), tokens)
+
+
+def reserve(kv_cache_manager: Any, request: Any, num_tokens: int, cached: CachedPrefix | None = None) -> None:
+    """Allocate ``num_tokens`` more slots for ``request`` now, after the ``cached`` blocks it adopts (their reference
+    counts taken, so they are never evicted under it). Nothing enters the prefix cache here: the caller caches what
+    may be shared once it is computed (:func:`cache_computed`)."""
+    blocks, hit = cached if cached is not None else (None, 0)
+    if kv_cache_manager.allocate_slots(request, num_tokens, num_new_computed_tokens=hit, new_computed_blocks=blocks,
+                                       delay_cache_blocks=True, has_scheduled_reqs=False) is None:
         raise RuntimeError(f"hogwild: KV reservation of {num_tokens} slots for {request.request_id} failed after "
                            "the free-block check")
+
+
+def cache_computed(kv_cache_manager: Any, request: Any, num_tokens: int) -> None:
+    """Enter ``request``'s full blocks among its first ``num_tokens`` tokens (computed) into the prefix cache."""
+    if request.block_hashes:
+        kv_cache_manager.cache_blocks(request, num_tokens)
 
 
 def share_blocks(kv_cache_manager: Any, owner_id: str, reader_id: str, num_blocks: int) -> None:

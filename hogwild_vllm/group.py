@@ -36,6 +36,7 @@ class Sizing:
     rows: int  # batch rows (one per worker; pass 0 uses one)
     widest_pass: int  # the most tokens one step of the group feeds
     longest_view: int  # the largest view a query can sit in (positions), bounded by max_model_len
+    block_size: int  # of the KV cache it was sized for
 
 
 def cdiv(a: int, b: int) -> int:
@@ -50,7 +51,7 @@ def size_group(cfg: GroupConfig, state: GroupState, codec: TokenCodec, block_siz
     tmax = max(cfg.max_tokens, longest_start) + header + 1
     blocks = cdiv(p + g, block_size) + n * (cdiv(p + tmax, block_size) - p // block_size)
     widest = max(sum(len(log.tokens) for log in state.workers), n * (header + 1), g + 1)
-    return Sizing(tmax, blocks, n, widest, state.longest_view(tmax))
+    return Sizing(tmax, blocks, n, widest, state.longest_view(tmax), block_size)
 
 
 def fit_problems(cfg: GroupConfig, prompt_len: int, size: Sizing, limits: EngineLimits) -> list[str]:
@@ -108,7 +109,8 @@ class Group:
     size: Sizing
     prompt_id: str
     worker_ids: list[str]
-    prompt_done: int = 0  # prompt tokens written (pass 0)
+    prompt_done: int = 0  # prompt tokens written (pass 0) or found in the prefix cache
+    prompt_cached: int = 0  # prompt tokens found in the prefix cache at admission (never computed)
     passes: int = 0  # steps the group ran in
     reported: list[int] = field(default_factory=list)  # per worker: log tokens already streamed
     forced: dict[str, tuple[int, ...]] = field(default_factory=dict)  # worker id -> forced tokens for the runner
@@ -122,6 +124,20 @@ class Group:
     @property
     def in_pass0(self) -> bool:
         return self.prompt_done < len(self.prompt)
+
+    @property
+    def cacheable_prompt(self) -> int:
+        """Prompt tokens whose KV blocks a prefix cache may take and give: C's full blocks and nothing after (a
+        block holding glue has KV that attends to C alone, not causally, so it must never be shared)."""
+        return len(self.prompt) // self.size.block_size * self.size.block_size
+
+    def start_from_cache(self, tokens: int) -> None:
+        """Pass 0 starts after ``tokens`` prompt tokens found in the prefix cache (whole blocks, fewer than the
+        prompt: the last chunk always computes at least one prompt token, with the glue)."""
+        if self.passes or not 0 <= tokens < len(self.prompt) or tokens % self.size.block_size:
+            raise ValueError(f"cannot start from {tokens} cached prompt tokens (prompt {len(self.prompt)}, block "
+                             f"size {self.size.block_size}, passes run {self.passes})")
+        self.prompt_done = self.prompt_cached = tokens
 
     def plan(self, avail: int) -> StepPlan | None:
         """This step's rows within ``avail`` tokens, or None (the group sits the step out, all rows together)."""

@@ -24,6 +24,7 @@ class Usage:
     forward_passes: int
     kv_blocks: int = 0
     finisher_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed again)
 
 
 @dataclass

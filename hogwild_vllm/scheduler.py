@@ -240,7 +240,12 @@ class HogwildScheduler(Scheduler):
         for w, (wid, log) in enumerate(zip(g.worker_ids, g.state.workers, strict=True)):
             e.workers.append(self._child(e, wid, g.prompt + log.tokens, g.size.tmax, worker=w))
         owner = e.prompt_req
-        compat.reserve(kv, owner, owner.num_tokens)
+        # The common prompt's start may be in the prefix cache (another group's, or a plain request's): adopt
+        # those blocks; pass 0 computes the rest. At most p - 1 tokens: the last chunk carries the glue.
+        hit = compat.cached_prefix(kv, owner, min(g.cacheable_prompt, p - 1), self.block_size)
+        compat.reserve(kv, owner, owner.num_tokens - hit.tokens, hit)
+        owner.num_computed_tokens = hit.tokens
+        g.start_from_cache(hit.tokens)
         for child in e.workers:
             compat.share_blocks(kv, owner.request_id, child.request_id, p // self.block_size)
             child.num_computed_tokens = p
@@ -273,8 +278,12 @@ class HogwildScheduler(Scheduler):
         elif src.seed is not None and not e.choices:
             params.seed = derive_seed(src.seed, worker)
         lead = e.lead
+        # Only the prompt request hashes its blocks (C may enter the prefix cache); workers' blocks never do.
+        hashing = worker is None
         return Request(request_id=cid, prompt_token_ids=prompt, sampling_params=params, pooling_params=None,
-                       client_index=lead.client_index, arrival_time=lead.arrival_time, priority=lead.priority)
+                       client_index=lead.client_index, arrival_time=lead.arrival_time, priority=lead.priority,
+                       cache_salt=compat.request_cache_salt(lead) if hashing else None,
+                       block_hasher=compat.request_block_hasher(lead) if hashing else None)
 
     def _plan(self) -> list[tuple[_Entry, dict[str, RowPlan], int]]:
         """Each live group's rows for this step (all or none), within the token budget."""
@@ -337,6 +346,9 @@ class HogwildScheduler(Scheduler):
                 self._end(outputs, e, FinishReason.ERROR, {"error": e.error})
                 continue
             step, g.step = g.step, None
+            if step is not None and not step.decode and e.prompt_req is not None:
+                # A pass-0 chunk is computed: C's full blocks in it may now serve other requests' prompts.
+                compat.cache_computed(self.kv_cache_manager, e.prompt_req, min(g.prompt_done, g.cacheable_prompt))
             if step is None or not step.decode or g.state.finished:
                 continue
             got = [sampled[index[c.request_id]] if c.request_id in index and sampled else [] for c in e.workers]
@@ -364,6 +376,7 @@ class HogwildScheduler(Scheduler):
         assert g is not None
         state = g.state
         result = group_output(state, g.prompt, g.banned, g.passes, g.size.blocks)
+        result.usage.cached_prompt_tokens = g.prompt_cached
         reason = FINISH_REASONS[state.finish_reason or "length"]
         self._release(e, RequestStatus.FINISHED_STOPPED if reason == FinishReason.STOP
                       else RequestStatus.FINISHED_LENGTH_CAPPED)

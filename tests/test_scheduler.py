@@ -43,10 +43,11 @@ def v1_runner_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_scheduler(model: str, num_blocks: int, batched: int = 256, seqs: int = 8,
-                   max_model_len: int = 512) -> HogwildScheduler:
+                   max_model_len: int = 512, prefix_caching: bool = False) -> HogwildScheduler:
+    # Prefix caching needs requests made with a block hasher (``hashed``); the other tests' requests have none.
     args = EngineArgs(model=model, dtype="float32", max_model_len=max_model_len, block_size=BLOCK, max_num_seqs=seqs,
                       max_num_batched_tokens=batched, additional_config={"hogwild": {}},
-                      enable_prefix_caching=False)  # the plain requests here have no block hasher
+                      enable_prefix_caching=prefix_caching)
     config = args.create_engine_config()
     config.cache_config.num_gpu_blocks = num_blocks
     spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=2, head_size=32, dtype=torch.float32)
@@ -350,3 +351,51 @@ def test_choices_that_disagree_with_workers_end_with_an_error_each(tiny):
     for o in outputs.values():
         assert o.finish_reason == FinishReason.ERROR
         assert "n=3 asks for one choice per worker" in o.kv_transfer_params["hogwild"]["error"]
+
+
+def hashed(request: Request) -> Request:
+    """The request as the engine core builds it with prefix caching on: with a block hasher."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(BLOCK, sha256)
+    return Request(request.request_id, request.prompt_token_ids, request.sampling_params, None, block_hasher=hasher)
+
+
+def test_groups_share_the_common_prompt_through_the_prefix_cache(tiny):
+    """A second group with the same system prompt adopts the first group's cached blocks of C (computes only the
+    rest), a plain request reads them too, and no block holding glue is ever shared."""
+    sched = make_scheduler(tiny, num_blocks=200, max_model_len=1024, prefix_caching=True)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    system = prompt_ids(sched, "Rules for everyone. " * 20)
+    first, second = system + prompt_ids(sched, "Problem one."), system + prompt_ids(sched, "Problem two!")
+    assert len(system) > 5 * BLOCK and len(first) % BLOCK
+    results, scheduled = {}, {}
+    for rid, prompt in (("a", first), ("b", second)):
+        sched.add_request(hashed(group_request(rid, prompt, workers=2, max_tokens=20)))
+        for out, outputs in run(sched):
+            scheduled[rid] = scheduled.get(rid, 0) + out.num_scheduled_tokens.get(f"{rid}{CHILD_SEP}prompt", 0)
+            results.update(outputs)
+    common = len(system) // BLOCK * BLOCK  # the shared start, in whole blocks
+    usage_a = results["a"].kv_transfer_params["hogwild"]["usage"]
+    usage_b = results["b"].kv_transfer_params["hogwild"]["usage"]
+    glue = scheduled["a"] - len(first)
+    assert usage_a["cached_prompt_tokens"] == 0 and glue > 0
+    assert usage_b["cached_prompt_tokens"] == common
+    assert scheduled["b"] == len(second) - common + glue  # pass 0 computed only the rest of C, and the glue
+    # The same prompt again, and a plain request holding C then exactly the glue: hits stop at C's full blocks.
+    again = hashed(group_request("c", first, workers=2, max_tokens=20))
+    sched.add_request(again)
+    glue_ids = sched._entries["c"].group.state.glue_tokens
+    plain = hashed(plain_request("p", first + glue_ids, max_tokens=2))
+    sched.add_request(plain)
+    plain_first = None
+    for out, outputs in run(sched):
+        results.update(outputs)
+        if plain_first is None and "p" in out.num_scheduled_tokens:
+            plain_first = out.num_scheduled_tokens["p"]  # the whole prompt fits one step: all it computes
+    assert results["c"].kv_transfer_params["hogwild"]["usage"]["cached_prompt_tokens"] == len(first) // BLOCK * BLOCK
+    assert plain_first == len(plain.prompt_token_ids) - len(first) // BLOCK * BLOCK  # C's full blocks, no glue
+    assert pool.get_num_free_blocks() == free0  # cached blocks are free (evictable) once no request holds them
