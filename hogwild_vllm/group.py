@@ -112,6 +112,8 @@ class Group:
     prompt_done: int = 0  # prompt tokens written (pass 0) or found in the prefix cache
     prompt_cached: int = 0  # prompt tokens found in the prefix cache at admission (never computed)
     passes: int = 0  # steps the group ran in
+    prefill_started: float | None = None  # clock reading when pass 0 was first planned (set by the engine)
+    prefill_seconds: float | None = None  # pass 0's wall time, from its first plan to its last chunk's result
     reported: list[int] = field(default_factory=list)  # per worker: log tokens already streamed
     forced: dict[str, tuple[int, ...]] = field(default_factory=dict)  # worker id -> forced tokens for the runner
     step: StepPlan | None = None  # the step in flight

@@ -25,6 +25,7 @@ class Usage:
     kv_blocks: int = 0
     finisher_tokens: int = 0
     cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed again)
+    prefill_seconds: float | None = None  # wall time of pass 0 (the common prompt and the glue), engine side
 
 
 @dataclass

@@ -31,6 +31,7 @@ import copy
 import hashlib
 import json
 import re
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -295,6 +296,8 @@ class HogwildScheduler(Scheduler):
             plan = e.group.plan(avail)
             if plan is None:
                 continue
+            if not plan.decode and e.group.prefill_started is None:
+                e.group.prefill_started = time.perf_counter()
             if plan.decode:
                 for child in e.workers:
                     assert plan.counts[child.request_id] == child.num_tokens - child.num_computed_tokens, (
@@ -349,6 +352,8 @@ class HogwildScheduler(Scheduler):
             if step is not None and not step.decode and e.prompt_req is not None:
                 # A pass-0 chunk is computed: C's full blocks in it may now serve other requests' prompts.
                 compat.cache_computed(self.kv_cache_manager, e.prompt_req, min(g.prompt_done, g.cacheable_prompt))
+                if not g.in_pass0 and g.prefill_started is not None:
+                    g.prefill_seconds = time.perf_counter() - g.prefill_started
             if step is None or not step.decode or g.state.finished:
                 continue
             got = [sampled[index[c.request_id]] if c.request_id in index and sampled else [] for c in e.workers]
@@ -377,6 +382,7 @@ class HogwildScheduler(Scheduler):
         state = g.state
         result = group_output(state, g.prompt, g.banned, g.passes, g.size.blocks)
         result.usage.cached_prompt_tokens = g.prompt_cached
+        result.usage.prefill_seconds = g.prefill_seconds
         reason = FINISH_REASONS[state.finish_reason or "length"]
         self._release(e, RequestStatus.FINISHED_STOPPED if reason == FinishReason.STOP
                       else RequestStatus.FINISHED_LENGTH_CAPPED)
