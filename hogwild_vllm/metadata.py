@@ -9,6 +9,12 @@ Two producers:
   ``SchedulerOutput``. The attention metadata builder then calls :func:`build_table` with the runner's final row
   order: group rows read their plans, every other row gets the plain single segment (:func:`plain_segment_table`).
 
+This runs every step for every group row, so it is written for the decode step's cost: a pass's worker views start
+with parts of one common sequence (``GroupState.plan_pass``: the prompt, the committed steps, the open steps), which
+:func:`plan_rows` names once, every row of the group holds (``RowPlan.common``), the payload pickles once and
+:func:`build_table` maps once; per row there remain only the segments after its part (timed piece by piece
+by benchmarks/bench_planning.py).
+
 Storage of a group in vLLM (``docs/architecture.md``, "A group's life in the engine"): the group's prompt request
 holds the common prompt C at positions ``0..|C|-1`` and glue token ``j`` at ``|C| + j``; worker ``w``'s own token
 ``i`` sits at position ``|C| + i`` of worker ``w``'s request. These are exactly the layout's natural positions, so

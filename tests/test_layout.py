@@ -734,6 +734,22 @@ def check_plan(state: GroupState, fed: list[list[int]]) -> None:
         assert fed[w] == list(range(len(log.tokens)))
 
 
+def test_open_step_continuing_the_history() -> None:
+    """No others header: a worker's open step continues its own last committed step, so in its peers' views the
+    two merge into one segment, and in its own view (which skips its open step there) they must not."""
+    templates = Templates(intro="{name}1:", step_header="{name}{step}:", others_header="", unfinished_marker="~",
+                          own_header="<M>")
+    st_ = make("combined", 2, templates=templates)
+    run(st_, [[".\n\n", "b"]])
+    assert st_.history == [(0, 0, 4)]
+    assert st_.view(0) == [S(PROMPT, 0, 10, 0), S(0, 10, 4, 10), S(1, 10, 4, 14), S(GLUE, 10, 4, 18),
+                           S(0, 14, 3, 22)]
+    assert st_.view(1) == [S(PROMPT, 0, 10, 0), S(0, 10, 7, 10), S(GLUE, 10, 4, 17), S(1, 10, 4, 21)]
+    plans = st_.plan_pass()
+    assert [plan.segments for plan in plans] == [st_.view(0), st_.view(1)]
+    assert [plan.common for plan in plans] == [1, 2]  # A's view shares the prompt only; B's the merged step too
+
+
 def test_shared_start_is_kept_until_a_commit() -> None:
     st_ = make("combined", 2)
     run(st_, [["a", "b"]])
