@@ -86,8 +86,7 @@ class VllmSystem:
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        from hogwild_vllm.config import CONFIG_KEY
-        from hogwild_vllm.config import GroupConfig
+        from hogwild_vllm.config import CONFIG_KEY, GroupConfig
         from hogwild_vllm.offline import group_output_of
         from hogwild_vllm.prompt import build_prompt_ids
 

@@ -23,10 +23,13 @@ def register() -> None:
     plugin on (``additional_config={"hogwild": {...}}``), and the config hook that makes such an engine use
     HogwildScheduler, synchronous scheduling and the V1 model runner (or refuses features groups cannot run with);
     with the plugin off, vLLM behaves as without it. Also lets a group request ask for one choice per worker at
-    temperature 0 (``compat.allow_greedy_choices``; other requests keep vLLM's check).
+    temperature 0 (``compat.allow_greedy_choices``; other requests keep vLLM's check), and adds the hogwild series
+    to the server's ``/metrics`` (``metrics.register_collector``).
     """
     from hogwild_vllm.compat import allow_greedy_choices, register_backend, register_config_hook
+    from hogwild_vllm.metrics import register_collector
 
     register_backend()
     register_config_hook()
     allow_greedy_choices()
+    register_collector()

@@ -39,6 +39,13 @@ Patches (each: why / how / upstream status / removal plan):
    vLLM process) and by ``hogwild_vllm.offline``. ``temperature=1, top_k=1`` is the same greedy choice without the
    patch. Upstream: none. Removal: if vLLM allows greedy ``n > 1`` (identical choices are legitimate there too).
 
+5. ``Platform.validate_request`` (the frontend's last check of a request, with its prompt token ids).
+   Why: whether a group fits the engine (its longest view within ``max_model_len``, its rows, its widest pass)
+   depends on the prompt's length, which the logits-processor validator never sees; a group that cannot run must be
+   an HTTP 400 naming the option, not an engine-side error. How: with the plugin on for the engine configured in
+   this process, the wrapped hook runs ``validation.check_group_fits`` after the original (installed with patch 2).
+   Upstream: none. Removal: when validators receive the prompt.
+
 Private attributes the scheduler reads or writes are behind the helpers at the end of this module ("Scheduler
 touch points"): prompt-block sharing between requests, reservations, the prefix-cache lookup and caching of a
 group's common prompt, the banned tokens of a child request, a request's block hasher, the step payload on
@@ -222,13 +229,18 @@ def apply_hogwild_config(vllm_config: Any) -> None:
     _force_v1_runner()
 
 
-_FRONTEND: dict[str, bool] = {"on": False}
+_FRONTEND: dict[str, Any] = {"on": False, "config": None}
 
 
 def groups_enabled_here() -> bool:
     """Whether the engine configured last in this process switched the plugin on (read by the frontend
     validator, which runs in the process that created the engine config)."""
-    return _FRONTEND["on"]
+    return bool(_FRONTEND["on"])
+
+
+def engine_config_here() -> Any:
+    """The ``VllmConfig`` of the engine configured last in this process, when it switched the plugin on."""
+    return _FRONTEND["config"]
 
 
 def register_config_hook() -> None:
@@ -242,7 +254,7 @@ def register_config_hook() -> None:
     @functools.wraps(original)
     def check_and_update_config(vllm_config: Any) -> None:
         on = hogwild_settings(vllm_config) is not None
-        _FRONTEND["on"] = on
+        _FRONTEND["on"], _FRONTEND["config"] = on, (vllm_config if on else None)
         if on:
             found = refusals(vllm_config)  # before the platform hook, which may fail on them less clearly
             if found:
@@ -254,6 +266,18 @@ def register_config_hook() -> None:
             apply_hogwild_config(vllm_config)
 
     current_platform.check_and_update_config = check_and_update_config
+
+    original_validate = current_platform.validate_request
+
+    @functools.wraps(original_validate)
+    def validate_request(processed_inputs: Any, params: Any) -> None:
+        original_validate(processed_inputs, params)
+        if groups_enabled_here():
+            from hogwild_vllm.validation import check_group_fits
+
+            check_group_fits(processed_inputs, params)
+
+    current_platform.validate_request = validate_request
     _CONFIG_PATCHED.append(True)
 
 

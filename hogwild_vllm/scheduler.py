@@ -51,6 +51,7 @@ from hogwild_vllm.finisher import Finishers
 from hogwild_vllm.group import EngineLimits, Group, fit_problems, size_group
 from hogwild_vllm.layout import GroupState
 from hogwild_vllm.metadata import HogwildStepMeta, RowPlan, unscheduled_sources
+from hogwild_vllm.metrics import EngineMetrics, MetricsWriter
 from hogwild_vllm.outputs import GroupOutput, group_output
 from hogwild_vllm.prompt import HFCodec, banned_token_ids, eos_token_ids
 from hogwild_vllm.validation import choice_count, parse_request
@@ -115,6 +116,8 @@ class HogwildScheduler(Scheduler):
         self._finishers = Finishers()
         self._codec: HFCodec | None = None
         self._eos_ids: list[int] | None = None
+        self._metrics = EngineMetrics()  # finished groups' totals; the live part is added per snapshot
+        self._metrics_writer = MetricsWriter()
 
     # ---- requests in ----------------------------------------------------------------------------------------
     def add_request(self, request: Request) -> None:
@@ -374,7 +377,35 @@ class HogwildScheduler(Scheduler):
                     _emit(outputs, client, EngineCoreOutput(request_id=client.request_id,
                                                             new_token_ids=g.take_report(w)))
         self._collect_finishers(outputs)
+        self._write_metrics()
         return outputs
+
+    def _write_metrics(self, force: bool = False) -> None:
+        """A snapshot for ``/metrics`` (``metrics.py``): the finished groups' totals plus the live groups' part."""
+        snap = copy.deepcopy(self._metrics)
+        for e in self._entries.values():
+            g = e.group
+            if g is None:
+                continue
+            _add_group_tokens(snap, g)
+            if e.admitted:
+                snap.groups_running += 1
+                snap.workers_running += g.size.rows
+            elif e.result is None:
+                snap.groups_waiting += 1
+        snap.groups_waiting += len(self._arriving)
+        self._metrics_writer.write(snap, force)
+
+    def _count_finished(self, e: _Entry, reason: FinishReason) -> None:
+        g = e.group
+        if g is not None:
+            _add_group_tokens(self._metrics, g)
+        self._metrics.observe_finished(reason.name.lower(), max(0.0, time.time() - e.lead.arrival_time))
+        self._write_metrics(force=True)
+
+    def shutdown(self) -> None:
+        self._metrics_writer.close()
+        super().shutdown()
 
     def _finish_group(self, outputs: dict[int, EngineCoreOutputs], e: _Entry) -> None:
         g = e.group
@@ -422,6 +453,7 @@ class HogwildScheduler(Scheduler):
         client gets the transcript's token ids, a worker's client its last tokens and (in ``stop_reason``, which
         streamed responses also carry) the result's summary as JSON."""
         self._forget(e)
+        self._count_finished(e, reason)
         result = {"hogwild": payload}
         track = self.finished_req_ids_dict is not None
         if not e.choices:
@@ -482,6 +514,7 @@ class HogwildScheduler(Scheduler):
             super().finish_requests(fid, status)
         self._release(e, status)
         self._forget(e)
+        self._count_finished(e, FinishReason.ABORT)
         return list(e.clients)
 
     def get_num_unfinished_requests(self) -> int:
@@ -505,6 +538,17 @@ def _emit(outputs: dict[int, EngineCoreOutputs], client: Request, output: Engine
     eco.outputs.append(output)
     if finished_set:
         eco.finished_requests = (eco.finished_requests or set()) | {client.request_id}
+
+
+def _add_group_tokens(metrics: EngineMetrics, g: Group) -> None:
+    """A group's part of the token counters, once it has run a pass (live and finished alike, so counters
+    never go down)."""
+    if not g.passes:
+        return
+    state = g.state
+    forced = sum(sum(log.forced) for log in state.workers)
+    generated = sum(len(log.tokens) for log in state.workers) - forced
+    metrics.add_tokens(len(state.history), forced, generated, len(g.prompt), g.prompt_cached)
 
 
 def _summary(payload: dict[str, Any]) -> dict[str, Any]:

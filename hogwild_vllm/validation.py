@@ -17,6 +17,7 @@ A group request comes in one of two shapes:
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -25,7 +26,7 @@ from vllm.exceptions import VLLMValidationError
 from vllm.sampling_params import SamplingParams
 from vllm.v1.sample.logits_processor import BatchUpdate, LogitsProcessor
 
-from hogwild_vllm.compat import groups_enabled_here
+from hogwild_vllm.compat import engine_config_here, groups_enabled_here
 from hogwild_vllm.config import CHOICES_KEY, CONFIG_KEY, GroupConfig, HogwildConfigError
 
 if TYPE_CHECKING:
@@ -98,6 +99,36 @@ def parse_request(sampling_params: SamplingParams) -> GroupConfig | None:
     if problems:
         raise _reject("not supported for hogwild requests: " + "; ".join(problems), raw)
     return group
+
+
+def check_group_fits(processed_inputs: Any, params: Any) -> None:
+    """Refuse (``VLLMValidationError``: HTTP 400) a group that cannot run on the engine configured in this process:
+    its longest view beyond ``max_model_len``, more rows than ``max_num_seqs``, a pass wider than
+    ``max_num_batched_tokens``. The same checks as the scheduler's (``group.fit_problems``), with the prompt's
+    token ids; the cache's block count is checked by the engine alone (the frontend does not know it)."""
+    if not isinstance(params, SamplingParams) or request_options(params) is None:
+        return
+    config = engine_config_here()
+    prompt = processed_inputs.get("prompt_token_ids") if isinstance(processed_inputs, Mapping) else None
+    if config is None or not prompt:
+        return
+    from vllm.tokenizers import cached_tokenizer_from_config
+
+    from hogwild_vllm.group import EngineLimits, fit_problems, size_group
+    from hogwild_vllm.layout import GroupState
+    from hogwild_vllm.prompt import HFCodec
+
+    cfg = parse_request(params)
+    assert cfg is not None
+    codec = HFCodec(cached_tokenizer_from_config(config.model_config))
+    block_size = int(config.cache_config.block_size)
+    size = size_group(cfg, GroupState(cfg, len(prompt), codec), codec, block_size)
+    scheduler = config.scheduler_config
+    limits = EngineLimits(int(config.model_config.max_model_len), block_size, sys.maxsize,
+                          int(scheduler.max_num_seqs), int(scheduler.max_num_batched_tokens))
+    problems = fit_problems(cfg, len(prompt), size, limits)
+    if problems:
+        raise _reject("this group cannot run on this engine: " + "; ".join(problems), request_options(params))
 
 
 class HogwildRequestValidator(LogitsProcessor):

@@ -192,12 +192,11 @@ def test_finisher_equals_reference(runs: Runs):
     assert [w["token_ids"] for w in got["workers"]] == [w.token_ids for w in ref.workers]
 
 
-def test_group_too_long_for_the_engine_gets_an_error_output(runs: Runs):
-    bad, plain = runs.outputs(4)
-    assert bad["finish_reason"] == "error" and bad["token_ids"] == []
-    message = bad["kv_transfer_params"]["hogwild"]["error"]
-    assert f"exceeds max_model_len {MAX_MODEL_LEN}" in message
-    assert plain["token_ids"] == runs.outputs(1)[0]["token_ids"]
+def test_group_too_long_for_the_engine_is_refused_before_it_runs(runs: Runs):
+    got = runs.engine.batches[4]
+    assert "outputs" not in got and got["error"]["type"] == "VLLMValidationError", got
+    assert f"exceeds max_model_len {MAX_MODEL_LEN}" in got["error"]["message"]
+    assert runs.outputs(5)  # the engine goes on serving
 
 
 def test_one_choice_per_worker_equals_reference(runs: Runs):
