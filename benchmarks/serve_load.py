@@ -18,22 +18,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import shlex
-import socket
-import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from _report import describe, line_panels, machine_info, print_table, write_results
 from tqdm import tqdm
 
+from hogwild_vllm.testing.server import vllm_server
+
 HERE = Path(__file__).resolve().parent
+SERVER_ENV = {"VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
 SYSTEMS = ("plain-off", "group")
 TEMPLATES = {"answer_marker": "\\neveranswered{"}
 COLUMNS = ["system", "N", "concurrency", "requests", "errors", "req_per_s", "req_x", "out_tok_s", "ttft_p50_s",
@@ -52,41 +49,6 @@ def parse_args() -> argparse.Namespace:
     return ap.parse_args()
 
 
-@contextmanager
-def serve(model: str, dtype: str, plugin: bool, log: Path) -> Iterator[str]:
-    """``vllm serve`` on a free port of 127.0.0.1 until the block ends; yields the API's base URL."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    vllm = Path(sys.executable).parent / "vllm"
-    cmd = [str(vllm), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", dtype,
-           "--max-model-len", "2048", "--enforce-eager", "--seed", "0"]
-    if plugin:
-        cmd += ["--additional-config", json.dumps({"hogwild": {}})]
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        deadline = time.monotonic() + 600
-        while True:
-            if proc.poll() is not None:
-                raise SystemExit(f"vllm serve exited {proc.returncode}; see {log}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"vllm serve did not come up in 600 s; see {log}") from None
-                time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1"
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
 async def one_request(client: Any, model: str, prompt: list[int], system: str, args: argparse.Namespace,
                       seed: int) -> dict[str, Any]:
     n = args.workers
@@ -100,17 +62,18 @@ async def one_request(client: Any, model: str, prompt: list[int], system: str, a
     try:
         stream = await client.completions.create(model=model, prompt=prompt, n=n, stream=True, temperature=0.8,
                                                  seed=seed, max_tokens=args.max_tokens if system != "group" else 1,
-                                                 extra_body=extra)
+                                                 stream_options={"include_usage": True}, extra_body=extra)
         async for chunk in stream:
             now = time.perf_counter() - start
             for choice in chunk.choices:
                 if choice.text:
                     first.setdefault(choice.index, now)
-                    tokens += 1
+            if chunk.usage is not None:  # the last chunk: every choice's tokens (a group's forced ones included)
+                tokens = chunk.usage.completion_tokens
         error = None if len(first) == n else f"{len(first)} of {n} choices streamed"
     except Exception as e:  # noqa: BLE001 - counted and reported
         error = f"{type(e).__name__}: {e}"
-    return {"ttft": list(first.values()), "latency": time.perf_counter() - start, "chunks": tokens, "error": error}
+    return {"ttft": list(first.values()), "latency": time.perf_counter() - start, "tokens": tokens, "error": error}
 
 
 async def run_level(base: str, model: str, prompts: list[list[int]], system: str, args: argparse.Namespace,
@@ -159,7 +122,9 @@ def main() -> int:
     total = len(SYSTEMS) * len(args.concurrency) * args.requests
     with tqdm(total=total, unit="request") as bar:
         for system in SYSTEMS:
-            with serve(path, args.dtype, system == "group", out / "logs" / f"serve_load_{system}.log") as base:
+            log = out / "logs" / f"serve_load_{system}.log"
+            with vllm_server(path, log, "--dtype", args.dtype, "--max-model-len", "2048", "--enforce-eager", "--seed",
+                             "0", plugin=system == "group", env=SERVER_ENV) as base:
                 for level in args.concurrency:
                     # A unique problem per request: no prefix-cache hit past the shared system rules.
                     prompts = [build_prompt_ids(tokenizer, f"Load {system} {level}-{k}: what is {k} * {level}?", cfg)
@@ -171,7 +136,7 @@ def main() -> int:
                     rows.append({"system": system, "N": args.workers, "concurrency": level,
                                  "requests": len(results), "errors": len(results) - len(ok),
                                  "req_per_s": round(len(ok) / wall, 3),
-                                 "out_tok_s": round(sum(r["chunks"] for r in ok) / wall, 1),
+                                 "out_tok_s": round(sum(r["tokens"] for r in ok) / wall, 1),
                                  "ttft_p50_s": pct(ttft, 0.5), "ttft_p99_s": pct(ttft, 0.99),
                                  "latency_p50_s": pct(latency, 0.5), "latency_p99_s": pct(latency, 0.99),
                                  "first_error": next((r["error"] for r in results if r["error"]), "")})

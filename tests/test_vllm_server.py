@@ -8,8 +8,6 @@ next to groups.
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -21,6 +19,7 @@ from vllm_scripts.launch import ENGINE_ENV
 
 from hogwild_vllm.config import GroupConfig
 from hogwild_vllm.prompt import build_prompt_ids
+from hogwild_vllm.testing.server import vllm_server
 from hogwild_vllm.testing.tiny_models import build_tiny_model
 
 pytestmark = [pytest.mark.engine, pytest.mark.server, pytest.mark.slow]
@@ -28,47 +27,13 @@ OPTIONS = {"workers": 2, "layout": "combined", "max_tokens": 48,
            "templates": {"step_separator": "\n", "answer_marker": "ANSWER{"}}
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     model = str(build_tiny_model("qwen2"))
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    vllm = Path(sys.executable).parent / "vllm"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(vllm), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--dtype", "float32",
-             "--max-model-len", "1024", "--block-size", "32", "--enforce-eager", "--seed", "0",
-             "--additional-config", json.dumps({"hogwild": {}})],
-            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **ENGINE_ENV))
-    try:
-        import urllib.request
-
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vllm serve exited {proc.returncode}: {log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vllm serve did not come up: {log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1", model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with vllm_server(model, log, "--dtype", "float32", "--max-model-len", "1024", "--block-size", "32",
+                     "--enforce-eager", "--seed", "0", env=ENGINE_ENV) as base:
+        yield base, model
 
 
 @pytest.fixture(scope="module")

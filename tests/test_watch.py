@@ -14,17 +14,16 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from vllm_scripts.launch import ENGINE_ENV
 
+from hogwild_vllm.testing.server import free_port, vllm_server
 from hogwild_vllm.testing.tiny_models import build_tiny_model
 
 pytestmark = [pytest.mark.engine, pytest.mark.server, pytest.mark.slow]
@@ -34,46 +33,14 @@ SIZE = (160, 40)  # the terminal's columns and rows
 COUNTS = re.compile(r"Alice (\d+) tok · Bob (\d+) tok · [\d.]+ s · (\w+)")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str]]:
     """``vllm serve`` with the plugin on (the tiny model, 4k context: room for 1500 tokens per worker)."""
     model = str(build_tiny_model("qwen2"))
-    port = free_port()
     log = tmp_path_factory.mktemp("server") / "server.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [str(WATCH.parent / "vllm"), "serve", model, "--host", "127.0.0.1", "--port", str(port), "--dtype",
-             "float32", "--max-model-len", "4096", "--block-size", "32", "--enforce-eager", "--seed", "0",
-             "--additional-config", json.dumps({"hogwild": {}})],
-            stdout=out, stderr=subprocess.STDOUT, env=dict(os.environ, **ENGINE_ENV))
-    try:
-        deadline = time.monotonic() + 300
-        while True:
-            if proc.poll() is not None:
-                raise AssertionError(f"vllm serve exited {proc.returncode}: {log.read_text()[-4000:]}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise AssertionError(f"vllm serve did not come up: {log.read_text()[-4000:]}")
-            time.sleep(1)
-        yield f"http://127.0.0.1:{port}/v1", model
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=60)
+    with vllm_server(model, log, "--dtype", "float32", "--max-model-len", "4096", "--block-size", "32",
+                     "--enforce-eager", "--seed", "0", env=ENGINE_ENV) as base:
+        yield base, model
 
 
 def watch_args(server: tuple[str, str], max_tokens: int, *more: str) -> list[str]:
