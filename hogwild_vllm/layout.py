@@ -279,10 +279,13 @@ class GroupState:
             raise ValueError(f"expected {len(self.workers)} sampled tokens, got {len(sampled)}")
         self.generated += len(sampled)
         ended = []
+        steps = self.cfg.layout.has_steps
         for w, (log, tok) in enumerate(zip(self.workers, sampled, strict=True)):
             text = self.token_text(tok)
-            ends = self.cfg.layout.has_steps and self._ends_step(log.step_text, text)
-            log.extend([tok], [text], forced=False)
+            ends = steps and self._ends_step(log.step_text, text)
+            log.tokens.append(tok)
+            log.forced.append(False)
+            log.text += text
             log.step_text += text
             if self.answer is None and "}" in text:
                 answer = find_answer(log.text, self.tpl.answer_marker)
@@ -326,6 +329,8 @@ class GroupState:
         them allowed). The separator may lie inside the token or begin in earlier tokens of the step ("\n" then
         "\n"): only an occurrence whose last character is this token's counts, so a step ends exactly once."""
         sep = self.tpl.step_separator
+        if sep[-1] not in token_text:  # an occurrence ending in this token ends with one of its characters
+            return False
         text = step_text + token_text
         at = text.find(sep, max(len(step_text) - len(sep) + 1, 0))
         while at >= 0:

@@ -293,12 +293,14 @@ def unscheduled_sources(rows: Mapping[str, RowPlan]) -> list[str]:
     commons: dict[int, tuple[tuple[Seg, ...], int]] = {}  # id(common) -> (it, the longest part of it a row holds)
     for row in rows.values():
         n = row.common_len
-        if n > commons.get(id(row.common), ((), 0))[1]:
+        if n and n > commons.get(id(row.common), ((), 0))[1]:
             commons[id(row.common)] = (row.common, n)
-        for i, view in enumerate(row.views):
-            read.update(map(_SOURCE_ID, view.segments[n:] if i == 0 else view.segments))
+        first, *more = row.views
+        read.update(map(_SOURCE_ID, islice(first.segments, n, None)))
+        for view in more:
+            read.update(map(_SOURCE_ID, view.segments))
     for common, n in commons.values():
-        read.update(map(_SOURCE_ID, common[:n]))
+        read.update(map(_SOURCE_ID, islice(common, n)))
     return sorted(read - set(rows))
 
 
