@@ -1,7 +1,7 @@
 """A hogwild group's per-step Python planning, piece by piece, against the same code at a git revision.
 
     python benchmarks/bench_planning.py [--workers 2 4 8] [--prompt 1024] [--history 40] [--steps 100]
-        [--repeats 5] [--baseline REV] [--out benchmarks/results]
+        [--repeats 5] [--baseline REV | --baseline ''] [--out benchmarks/results]
 
 No model and no engine: a :class:`~hogwild_vllm.layout.GroupState` is driven with scripted samples, the way the
 scheduler and the HOGWILD metadata builder drive it in a decode step. Each repeat starts a fresh group (combined
@@ -23,17 +23,21 @@ The codec is a stand-in for a BPE tokenizer (about four characters a token; a st
 token). ``--baseline REV`` loads ``hogwild_vllm`` as committed at REV (``git archive``, renamed ``hogwild_base``, so
 both live in one process and pickle as themselves) and runs it beside the working tree on the same scripted
 samples, step by step in turn, so that load changes on the machine hit both alike; the table then gives before /
-after / ratio. Times: medians over ``repeats * steps`` steps. Writes ``<name>.csv`` / ``.md`` / ``.png`` under --out.
+after / ratio (by default REV is the last commit before the planning work of issue 7). Times: medians over
+``repeats * steps`` steps; also the pickled payload's size, the view's segments and the committed steps. Writes
+``<name>.csv`` / ``.md`` / ``.png`` under --out.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import importlib
 import io
 import pickle
 import re
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -57,6 +61,7 @@ STEP_END = ".\n\n"
 WARMUP_STEP = 6  # sampled tokens per step while the history is being built
 BLOCK_SIZE = 16
 PLAIN_ROWS = ((777, "plain-a"), (1503, "plain-b"))  # (tokens after this step, request id): decode rows
+BEFORE_ISSUE_7 = "53eb182"  # the last commit before the planning work of issue 7: the default baseline
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,7 +71,8 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--history", type=int, default=40, help="committed steps before the timed steps")
     ap.add_argument("--steps", type=int, default=100, help="timed decode steps a repeat")
     ap.add_argument("--repeats", type=int, default=5, help="fresh groups per worker count")
-    ap.add_argument("--baseline", default=None, help="git revision to time beside the working tree")
+    ap.add_argument("--baseline", default=BEFORE_ISSUE_7,
+                    help="git revision timed beside the working tree ('' for the working tree alone)")
     ap.add_argument("--out", default=str(HERE / "results"))
     ap.add_argument("--name", default="bench_planning")
     return ap.parse_args()
@@ -102,6 +108,7 @@ def load_at(rev: str) -> ModuleType:
     tar = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "hogwild_vllm"], check=True,
                          capture_output=True).stdout
     folder = Path(tempfile.mkdtemp(prefix="bench_planning_"))
+    atexit.register(shutil.rmtree, folder, True)
     with tarfile.open(fileobj=io.BytesIO(tar)) as archive:
         archive.extractall(folder, filter="data")
     (folder / "hogwild_vllm").rename(folder / "hogwild_base")
@@ -235,8 +242,31 @@ def measure(impls: list[Impl], workers: int, args: argparse.Namespace, progress:
     return runs, history
 
 
-def median_ms(values: list[float]) -> float:
-    return statistics.median(values) * 1e3
+def summary(runs: list[Run], impls: list[Impl], workers: int, history: list[int]) -> list[dict[str, Any]]:
+    """Table rows of one worker count: per piece, each implementation's median ms a step (and the ratio)."""
+    ms: dict[str, dict[str, float]] = {}
+    for impl in impls:
+        mine = [r for r in runs if r.impl is impl]
+        times = {p: [t for r in mine for t in r.times[p]] for p in PIECES}
+        times["total"] = [sum(step) for step in zip(*times.values(), strict=True)]
+        ms[impl.label] = {p: statistics.median(t) * 1e3 for p, t in times.items()}
+        payload = statistics.median(b for r in mine for b in r.payload)
+        segments = statistics.median(s for r in mine for s in r.segments)
+        print(f"N={workers} {impl.label}: committed steps {min(history)}..{max(history)}, view of {segments:.0f} "
+              f"segments, payload {payload:.0f} bytes", flush=True)
+        ms[impl.label]["payload_bytes"] = payload
+    rows = []
+    for piece in (*PIECES, "total"):
+        row: dict[str, Any] = {"workers": workers, "piece": piece, **{f"{i.label}_ms": ms[i.label][piece]
+                                                                    for i in impls}}
+        if len(impls) == 2:
+            row["ratio"] = ms["before"][piece] / ms["after"][piece]
+        if piece == "payload":
+            row.update({f"{i.label}_bytes": ms[i.label]["payload_bytes"] for i in impls})
+        if piece == "total":
+            row.update(segments=segments, history=f"{min(history)}..{max(history)}")
+        rows.append(row)
+    return rows
 
 
 def main() -> int:
@@ -251,40 +281,13 @@ def main() -> int:
     except ImportError:
         tqdm = None
     rows: list[dict[str, Any]] = []
-    panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for workers in args.workers:
         total = args.repeats * args.steps
         progress = tqdm(total=total, desc=f"N={workers}", unit="step") if tqdm else SimpleNamespace(
             update=lambda n: None, close=lambda: None)
         runs, history = measure(impls, workers, args, progress)
         progress.close()
-        per_impl: dict[str, dict[str, float]] = {}
-        extra: dict[str, dict[str, float]] = {}
-        for impl in impls:
-            mine = [r for r in runs if r.impl is impl]
-            times = {p: [t for r in mine for t in r.times[p]] for p in PIECES}
-            steps = len(times["plan_pass"])
-            times["total"] = [sum(times[p][i] for p in PIECES) for i in range(steps)]
-            per_impl[impl.label] = {p: median_ms(t) for p, t in times.items()}
-            extra[impl.label] = {"payload_bytes": statistics.median(b for r in mine for b in r.payload),
-                                 "segments": statistics.median(s for r in mine for s in r.segments)}
-        for piece in (*PIECES, "total"):
-            row: dict[str, Any] = {"workers": workers, "piece": piece}
-            for impl in impls:
-                row[f"{impl.label}_ms"] = per_impl[impl.label][piece]
-            if args.baseline:
-                row["ratio"] = per_impl["before"][piece] / per_impl["after"][piece]
-            rows.append(row)
-            for impl in impls:
-                xs, ys = panels.setdefault(piece, {}).setdefault(impl.label, ([], []))
-                xs.append(workers)
-                ys.append(per_impl[impl.label][piece])
-        for impl in impls:
-            print(f"N={workers} {impl.label}: history {min(history)}..{max(history)} steps, view of "
-                  f"{extra[impl.label]['segments']:.0f} segments, payload {extra[impl.label]['payload_bytes']:.0f} "
-                  f"bytes", flush=True)
-        rows.append({"workers": workers, "piece": "payload_bytes",
-                     **{f"{i.label}_ms": extra[i.label]["payload_bytes"] for i in impls}})
+        rows += summary(runs, impls, workers, history)
     header = [f"command: {shlex.join(['python', *sys.argv])}", f"machine: {describe(info)}",
               f"combined layout, default templates, prompt {args.prompt} tokens, history {args.history}+ committed "
               f"steps, {args.repeats} groups x {args.steps} timed decode steps a worker count; batch: the workers "
@@ -292,12 +295,21 @@ def main() -> int:
               "before: " + (f"hogwild_vllm at {args.baseline} (git archive), run in turn with after on the same "
                             "samples" if args.baseline else "not run"),
               f"after: the working tree ({_git_head()}{' + changes' if _git_dirty() else ''})",
-              "payload_bytes rows: the pickled HogwildStepMeta, bytes (in the *_ms columns)",
+              "*_bytes: the pickled HogwildStepMeta; segments: worker 0's view (median); history: committed steps "
+              "while timed",
               f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     print("\n".join(header))
-    columns = ["workers", "piece", *[f"{i.label}_ms" for i in impls], *(["ratio"] if args.baseline else [])]
+    labels = [i.label for i in impls]
+    columns = ["workers", "piece", *[f"{label}_ms" for label in labels], *(["ratio"] if len(impls) == 2 else []),
+               *[f"{label}_bytes" for label in labels], "segments", "history"]
     markdown = print_table(rows, columns)
     out = write_results(rows, args.out, args.name, header, markdown)
+    panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for row in rows:
+        for label in labels:
+            xs, ys = panels.setdefault(row["piece"], {}).setdefault(label, ([], []))
+            xs.append(row["workers"])
+            ys.append(row[f"{label}_ms"])
     line_panels(panels, out / f"{args.name}.png", "workers", "ms a step (median)", describe(info), logy=True,
                 style=lambda label: {"linestyle": "--" if label == "before" else "-"})
     print(f"results: {out / args.name}.csv / .md / .png")
