@@ -42,8 +42,15 @@ def test_offline_example_json_vllm_equals_reference():
         assert len(w["forced"]) == len(w["token_ids"]) and w["forced"][0] is True
     for key in ("prompt_token_ids", "banned_token_ids", "workers", "transcript", "answer", "finish_reason"):
         assert got[key] == ref[key], key
-    # The default answer marker: the tiny model writes a \boxed{...}, which stops the whole group.
-    assert got["finish_reason"] == "answer" and got["answer"] is not None and got["answer_worker"] is not None
+    # The stop is one of the group's two rules, equally in both engines. Which one depends on the tiny model's
+    # weights, and those depend on the float kernels of the CPU that trained it (an AMD build wrote \boxed{...}
+    # within 128 tokens, an Intel build does not), so both are checked for what they imply.
+    if got["finish_reason"] == "answer":
+        assert got["answer"] is not None and got["answer_worker"] in [w["name"] for w in got["workers"]]
+        assert "\\boxed{" + got["answer"] + "}" in got["transcript"]
+    else:
+        assert got["finish_reason"] == "length" and got["answer"] is None
+        assert max(len(w["token_ids"]) for w in got["workers"]) >= 128
 
 
 @pytest.mark.real_model
