@@ -34,13 +34,15 @@ class SegmentTable:
     query_pos: torch.Tensor
 
     def __post_init__(self) -> None:
-        fields = {"segments": self.segments, "view_offsets": self.view_offsets,
-                  "query_view": self.query_view, "query_pos": self.query_pos}
-        for name, tensor in fields.items():
-            _check(isinstance(tensor, torch.Tensor) and tensor.dtype == torch.int32,
-                   f"SegmentTable.{name} must be an int32 tensor")
-            _check(tensor.device == self.segments.device,
-                   f"SegmentTable.{name} is on {tensor.device}, segments on {self.segments.device}")
+        # Built every step: the messages are formatted only on failure (a tensor's device in an f-string costs
+        # more than all the checks).
+        device = self.segments.device
+        for name in ("segments", "view_offsets", "query_view", "query_pos"):
+            tensor = getattr(self, name)
+            if not (isinstance(tensor, torch.Tensor) and tensor.dtype == torch.int32):
+                raise ValueError(f"SegmentTable.{name} must be an int32 tensor")
+            if tensor.device != device:
+                raise ValueError(f"SegmentTable.{name} is on {tensor.device}, segments on {device}")
         _check(self.segments.dim() == 2 and self.segments.shape[1] == 4, "segments must be [S, 4]")
         _check(self.view_offsets.dim() == 1 and self.view_offsets.numel() >= 1, "view_offsets must be [V + 1]")
         _check(self.query_view.dim() == 1, "query_view must be [T]")
