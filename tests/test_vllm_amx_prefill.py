@@ -1,6 +1,6 @@
 """Long plain runs on AMX CPUs (bf16): where vLLM packs the cache for its AMX kernel, the plugin keeps the ``vec``
 packing groups read and attends runs of >= ``AMX_MIN_QUERIES`` queries with vLLM's AMX kernel over a scratch copy
-of their pages. The copy is exact (the kernel's output equals its output over a cache vLLM wrote itself, bitwise),
+of their keys and values. The copy is exact (the kernel's output equals its output over a cache vLLM wrote itself),
 and prompts through the engine, chunked, several in a batch, get bitwise the prompt logprobs of the plugin-off
 engine. Contiguous runs are sliced, not gathered."""
 
@@ -15,8 +15,9 @@ AMX = torch.cpu._is_amx_tile_supported()
 needs_amx = pytest.mark.skipif(not AMX, reason="vLLM uses its AMX kernel only on CPUs with AMX tiles")
 
 NUM_KV_HEADS, NUM_HEADS, HEAD_DIM = 2, 4, 64
-# (block size, queries, keys): one row ending at its last key; block sizes vLLM packs for AMX (multiples of 32)
-PACK_CASES = [(32, 64, 64), (32, 97, 161), (128, 300, 1000), (128, 1, 129)]
+# (block size, queries, keys): one row ending at its last key, block sizes vLLM packs for AMX (multiples of 32); its
+# earlier tokens: none, within the first block, whole blocks and a partial one, all but one
+PACK_CASES = [(32, 64, 64), (32, 97, 113), (32, 97, 161), (128, 300, 1000), (128, 1, 129)]
 
 
 def _vllm_amx_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -43,33 +44,37 @@ def _split(cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 @needs_amx
 @pytest.mark.parametrize(("block_size", "num_queries", "seq_len"), PACK_CASES)
-def test_pack_amx_equals_vllms_own_amx_cache(block_size: int, num_queries: int, seq_len: int) -> None:
+def test_scratch_fill_equals_vllms_own_amx_cache(block_size: int, num_queries: int, seq_len: int) -> None:
+    """A run's earlier tokens from the ``vec`` cache pages, its own from the batch: vLLM's AMX kernel over the filled
+    scratch equals its output over a cache it wrote itself, bitwise, and the cache is only read."""
     from vllm import _custom_ops as vllm_ops
 
-    from hogwild_vllm.attention.backend import _pack_amx
+    from hogwild_vllm.attention.backend import ScratchFill, fill_scratch
 
     torch.cpu._init_amx()
     gen = torch.Generator().manual_seed(block_size * 1000 + seq_len)
-    num_blocks, used = 3 * (seq_len // block_size + 1), -(-seq_len // block_size)
-    pages = torch.randperm(num_blocks, generator=gen)[:used]  # [B] the row's blocks, shuffled
-    slots = (pages[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]  # [seq_len]
+    num_blocks, used, before = 3 * (seq_len // block_size + 1), -(-seq_len // block_size), seq_len - num_queries
+    blocks = torch.randperm(num_blocks, generator=gen)[:used]  # [B] the row's blocks, shuffled
+    slots = (blocks[:, None] * block_size + torch.arange(block_size)).flatten()[:seq_len]  # [seq_len]
     keys, values = (torch.randn(seq_len, NUM_KV_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16) for _ in "kv")
     query = torch.randn(num_queries, NUM_HEADS, HEAD_DIM, generator=gen).to(torch.bfloat16)  # [Q, Hq, D]
     shape = (num_blocks, NUM_KV_HEADS, block_size, 2 * HEAD_DIM)
 
     own = torch.zeros(shape, dtype=torch.bfloat16)  # vLLM's cache on an AMX CPU
     vllm_ops.cpu_attn_reshape_and_cache(keys, values, *_split(own), slots, "amx")
-    want = _vllm_amx_attention(query, *_split(own), pages.view(1, -1).int(), seq_len)
+    want = _vllm_amx_attention(query, *_split(own), blocks.view(1, -1).int(), seq_len)
 
     cache = torch.randn(shape, generator=gen).to(torch.bfloat16)  # the plugin's: "vec" packing over garbage
     vllm_ops.cpu_attn_reshape_and_cache(keys, values, *_split(cache), slots, "vec")
-    before = cache.clone()
-    scratch = torch.full((used, *shape[1:]), float("nan"), dtype=torch.bfloat16)
-    _pack_amx(cache, pages, scratch)
+    before_fill = cache.clone()
+    pages = blocks[: -(-before // block_size)]  # [P] the blocks holding the tokens before the run's own
+    fill = ScratchFill(pages, torch.arange(pages.numel() * block_size), torch.arange(before, seq_len))
+    scratch = torch.zeros((used, *shape[1:]), dtype=torch.bfloat16)  # as the builder allocates it
+    fill_scratch(scratch, cache, keys[before:], values[before:], fill)
     got = _vllm_amx_attention(query, *_split(scratch), torch.arange(used, dtype=torch.int32).view(1, -1), seq_len)
 
     assert torch.equal(got, want)
-    assert torch.equal(cache, before)  # the cache is only read
+    assert torch.equal(cache, before_fill)
 
 
 def test_touching_runs_are_one_slice() -> None:

@@ -7,9 +7,9 @@ vLLM's CPU impl writes every token's K/V. Each step the builder splits the batch
 * **plain runs** (``metadata.plain_runs``): rows outside any group, and the prompt request's chunk of the common
   prompt C: they go to vLLM's CPU kernel with vLLM's own metadata, so plain requests are computed exactly as with
   the plugin off (bitwise, when no group shares the batch). Contiguous runs are sliced, never copied. Where vLLM
-  would pack the cache for AMX (bf16 on AMX CPUs; the cache keeps the ``vec`` packing groups read), runs of at
-  least :data:`AMX_MIN_QUERIES` queries (prefill) take vLLM's AMX kernel over a scratch copy of their pages in the
-  AMX packing: about 4x faster than the ``vec`` kernel at prefill, and bitwise what the plugin-off engine computes;
+  would pack the cache for AMX (bf16 on AMX CPUs; the cache keeps the ``vec`` packing groups read), runs of
+  >= :data:`AMX_MIN_QUERIES` queries (prefill) take vLLM's AMX kernel over a scratch copy of their keys and values
+  in its packing: bitwise the plugin-off engine's prefill, 3.6x faster than the ``vec`` kernel at 3k tokens;
 * **group tokens**: the rest (workers, glue), attended by :func:`hogwild_vllm.ops.hogwild_attention` (the compiled
   CPU op) over the views the scheduler planned (``SchedulerOutput.hogwild``, published by the runner hook in
   ``compat.py``), reading the same cache through strided views.
@@ -86,12 +86,28 @@ class HogwildAttentionBackend(AttentionBackend):
         return attn_type == AttentionType.DECODER
 
 
-# A plain run of at least this many queries takes the AMX kernel over a scratch copy of its pages (where vLLM would
-# use AMX). Break-even measured at ~48 (tiny qwen2 shapes, bf16, one thread, 512 and 3077 keys): the copy costs
-# ~0.23 us a key (0.7 ms for 3077 keys), the AMX kernel saves ~5.6 ns a (query, key) pair (37 -> 10 ms at 3077^2/2).
+# A plain run of at least this many queries takes the AMX kernel over a scratch copy of its keys and values (where
+# vLLM would use AMX). Measured with tiny qwen2 shapes, bf16, one thread: copying 3077 keys from the cache costs
+# 0.7 ms (0.2 ms from the batch), the AMX kernel saves ~5.6 ns a (query, key) pair (37 -> 10 ms at 3077^2 / 2);
+# break-even at ~48 queries after a long cached prefix.
 AMX_MIN_QUERIES = 64
 
 Tokens = slice | torch.Tensor  # batch tokens: one contiguous slice, else [T] int64 indices in order
+
+
+@dataclass
+class ScratchFill:
+    """What every layer writes into the AMX call's scratch (vLLM's ``amx`` packing) before the call: the cache pages
+    of the runs' tokens from earlier steps (chunked prefill, a cached prefix), then the runs' own tokens.
+
+    pages:       [P] int64 cache blocks holding the runs' tokens before this step's.
+    page_slots:  [P * block_size] int64 the scratch slots of those pages' tokens, page after page.
+    token_slots: [Tp] int64 the scratch slot of each of the call's batch tokens.
+    """
+
+    pages: torch.Tensor
+    page_slots: torch.Tensor
+    token_slots: torch.Tensor
 
 
 @dataclass
@@ -100,12 +116,12 @@ class PlainCall:
 
     meta:   vLLM's CPU metadata of just these runs (the whole batch's when ``tokens`` is None).
     tokens: their batch tokens; None: the whole batch.
-    pages:  AMX only: [B] int64 cache blocks that ``meta``'s block table reads as scratch blocks 0 .. B-1.
+    fill:   AMX only: how the scratch that ``meta``'s block table reads is filled.
     """
 
     meta: Any
     tokens: Tokens | None = None
-    pages: torch.Tensor | None = None
+    fill: ScratchFill | None = None
 
 
 @dataclass
@@ -113,7 +129,7 @@ class HogwildMetadata:
     """One step's attention metadata, built once and shared by every layer.
 
     plain:        vLLM kernel calls for the plain runs (empty: there are none, or not on CPU).
-    scratch:      [B, Hkv, block_size, 2 * D] the AMX call's pages, rewritten by every layer (None: no AMX call).
+    scratch:      [B, Hkv, block_size, 2 * D] the AMX call's blocks, rewritten by every layer (None: no AMX call).
     table:        the position-delta views of the group tokens (None: there are none).
     group_tokens: the batch tokens that ``table``'s queries are; None when they are the whole batch.
     block_table:  [rows, max_blocks] int32 that ``table`` indexes (the batch's, plus rows for unscheduled sources).
@@ -195,19 +211,23 @@ class HogwildMetadataBuilder(AttentionMetadataBuilder[HogwildMetadata]):
         return out
 
     def _amx_call(self, m: CommonAttentionMetadata, runs: list[PlainRun]) -> tuple[PlainCall, torch.Tensor]:
-        """vLLM's AMX kernel call for ``runs`` over a scratch holding each run's pages in turn, and the scratch."""
+        """vLLM's AMX kernel call for ``runs`` over a scratch holding each run's blocks in turn, and the scratch."""
         assert self._amx is not None
-        spec = self.kv_cache_spec
-        counts = [-(-r.seq_len // spec.block_size) for r in runs]  # blocks each run reads
-        pages = torch.cat([m.block_table_tensor[r.row, :n] for r, n in zip(runs, counts, strict=True)]).long()  # [B]
-        table = torch.zeros(len(runs), max(counts), dtype=torch.int32)  # [Ra, max_blocks]: scratch block ids
-        first = 0
-        for i, n in enumerate(counts):
-            table[i, :n] = torch.arange(first, first + n)
-            first += n
-        scratch = torch.empty((first, spec.num_kv_heads, spec.block_size, 2 * spec.head_size), dtype=spec.dtype)
+        spec, size = self.kv_cache_spec, self.kv_cache_spec.block_size
+        table = torch.zeros(len(runs), -(-max(r.seq_len for r in runs) // size), dtype=torch.int32)  # [Ra, blocks]
+        pages, page_slots, token_slots, first = [], [], [], 0
+        for i, r in enumerate(runs):
+            blocks, before = -(-r.seq_len // size), r.seq_len - r.length  # blocks it reads, tokens before its own
+            table[i, :blocks] = torch.arange(first, first + blocks)
+            pages.append(m.block_table_tensor[r.row, : -(-before // size)].long())
+            page_slots.append(torch.arange(first * size, (first + pages[-1].numel()) * size))
+            token_slots.append(torch.arange(first * size + before, first * size + r.seq_len))
+            first += blocks
+        fill = ScratchFill(torch.cat(pages), torch.cat(page_slots), torch.cat(token_slots))
+        # zeros: the AMX kernel reads whole blocks, and uninitialised slots past a run's end could hold NaN bits
+        scratch = torch.zeros((first, spec.num_kv_heads, size, 2 * spec.head_size), dtype=spec.dtype)
         meta = self._amx.build(0, _subset(m, runs, table.to(m.block_table_tensor.device)))
-        return PlainCall(meta, _tokens([(r.token_start, r.length) for r in runs], self.device), pages), scratch
+        return PlainCall(meta, _tokens([(r.token_start, r.length) for r in runs], self.device), fill), scratch
 
     def _build_all_delta(self, m: CommonAttentionMetadata, meta: Any, req_ids: list[str]) -> HogwildMetadata:
         if meta is None:
@@ -314,29 +334,39 @@ class HogwildAttentionImpl(AttentionImpl[HogwildMetadata]):
                ) -> None:
         """vLLM's CPU kernel over one call's plain runs, into their tokens of ``output``."""
         assert self._cpu is not None
-        if call.pages is not None:  # AMX: the runs' pages, copied into the scratch the call's block table reads
-            assert scratch is not None
-            _pack_amx(kv_cache, call.pages, scratch)
-            kv_cache = scratch
-        if call.tokens is None:  # the whole batch: vLLM's own call
+        tokens = call.tokens
+        if tokens is None:  # the whole batch: vLLM's own call
             self._cpu.forward(layer, query, key, value, kv_cache, call.meta, output)
-        elif isinstance(call.tokens, slice):
-            self._cpu.forward(layer, query[call.tokens], key, value, kv_cache, call.meta, output[call.tokens])
+            return
+        if call.fill is not None:  # AMX: the call's block table reads the scratch
+            assert scratch is not None
+            fill_scratch(scratch, kv_cache, _take(key, tokens), _take(value, tokens), call.fill)
+            kv_cache = scratch
+        if isinstance(tokens, slice):
+            self._cpu.forward(layer, query[tokens], key, value, kv_cache, call.meta, output[tokens])
         else:
-            part = output.new_empty((call.tokens.shape[0], *output.shape[1:]))  # [Tp, ...] like output
-            self._cpu.forward(layer, query.index_select(0, call.tokens), key, value, kv_cache, call.meta, part)
-            output.index_copy_(0, call.tokens, part)
+            part = output.new_empty((tokens.shape[0], *output.shape[1:]))  # [Tp, ...] like output
+            self._cpu.forward(layer, query.index_select(0, tokens), key, value, kv_cache, call.meta, part)
+            output.index_copy_(0, tokens, part)
 
 
-def _pack_amx(kv_cache: torch.Tensor, pages: torch.Tensor, scratch: torch.Tensor) -> None:
-    """Copy the cache blocks ``pages`` ([B] int64, ``vec`` packing) into scratch blocks 0 .. B-1 in vLLM's ``amx``
-    packing. kv_cache: [num_blocks, Hkv, block_size, 2 * D]; scratch: [B, Hkv, block_size, 2 * D], same dtype."""
+def _take(x: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+    """The rows ``tokens`` of x: a view for a slice, a copy for indices."""
+    return x[tokens] if isinstance(tokens, slice) else x.index_select(0, tokens)
+
+
+def fill_scratch(scratch: torch.Tensor, kv_cache: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                 fill: ScratchFill) -> None:
+    """Write ``fill.pages`` of the cache, then the call's own ``keys`` and ``values`` ([Tp, Hkv, D], this step's, from
+    the batch), into the scratch in vLLM's ``amx`` packing. kv_cache: [num_blocks, Hkv, block_size, 2 * D] in the
+    ``vec`` packing; scratch: [B, Hkv, block_size, 2 * D], same dtype."""
     from vllm import _custom_ops as vllm_ops
 
-    key_pages, value_pages = cpu_page_views(kv_cache)  # [num_blocks, block_size, Hkv, D] strided
-    keys = key_pages.index_select(0, pages).flatten(0, 1)  # [B * block_size, Hkv, D]
-    values = value_pages.index_select(0, pages).flatten(0, 1)  # [B * block_size, Hkv, D]
     num_blocks, num_kv_heads, block_size, two_d = scratch.shape
     key_cache, value_cache = scratch.view(num_blocks, num_kv_heads, 2 * block_size, two_d // 2).chunk(2, dim=2)
-    slots = torch.arange(num_blocks * block_size)  # [B * block_size]: every slot of the scratch, in order
-    vllm_ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, slots, "amx")
+    if fill.pages.numel():
+        key_pages, value_pages = cpu_page_views(kv_cache)  # [num_blocks, block_size, Hkv, D] strided
+        vllm_ops.cpu_attn_reshape_and_cache(key_pages.index_select(0, fill.pages).flatten(0, 1),  # [P * bs, Hkv, D]
+                                            value_pages.index_select(0, fill.pages).flatten(0, 1),
+                                            key_cache, value_cache, fill.page_slots, "amx")
+    vllm_ops.cpu_attn_reshape_and_cache(keys, values, key_cache, value_cache, fill.token_slots, "amx")
