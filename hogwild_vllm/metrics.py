@@ -90,11 +90,14 @@ class MetricsWriter:
         self.path = folder / f"engine-{os.getpid()}.json" if folder is not None else None
         self.last = 0.0
 
+    def due(self, force: bool = False) -> bool:
+        """Whether :meth:`write` would write now (the caller builds a snapshot only then: every step asks)."""
+        return self.path is not None and (force or time.monotonic() - self.last >= WRITE_EVERY_S)
+
     def write(self, metrics: EngineMetrics, force: bool = False) -> None:
-        now = time.monotonic()
-        if self.path is None or (not force and now - self.last < WRITE_EVERY_S):
+        if not self.due(force):
             return
-        self.last = now
+        self.last = time.monotonic()
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             tmp = self.path.with_suffix(".tmp")

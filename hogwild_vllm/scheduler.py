@@ -381,7 +381,10 @@ class HogwildScheduler(Scheduler):
         return outputs
 
     def _write_metrics(self, force: bool = False) -> None:
-        """A snapshot for ``/metrics`` (``metrics.py``): the finished groups' totals plus the live groups' part."""
+        """A snapshot for ``/metrics`` (``metrics.py``): the finished groups' totals plus the live groups' part;
+        built only when the writer is due (at most every 0.2 s, or ``force``), not every step."""
+        if not self._metrics_writer.due(force):
+            return
         snap = copy.deepcopy(self._metrics)
         for e in self._entries.values():
             g = e.group
