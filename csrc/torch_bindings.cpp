@@ -20,10 +20,11 @@ TORCH_LIBRARY(hogwild_C, m) {
   // In place: rotates the first rotary_dim dims of every head of x[t] by delta[t] positions (see ops.h).
   m.def("rotate_by_delta(Tensor! x, Tensor delta, Tensor cos_sin_table, int rotary_dim, bool is_neox) -> ()");
   // Writes out (and lse when given): position-delta attention of every query token over its view (see ops.h).
+  // packing: 0 = strided [num_blocks, block_size, Hkv, D] caches, 1 = vLLM's amx pages (CPU only).
   m.def(
       "hogwild_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor segments, Tensor view_offsets, Tensor query_view, Tensor query_pos, Tensor cos_sin_table, "
-      "int rotary_dim, bool is_neox, float scale, Tensor(b!)? lse) -> ()");
+      "int rotary_dim, bool is_neox, float scale, Tensor(b!)? lse, int packing=0) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hogwild_C, CPU, m) {

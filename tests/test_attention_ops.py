@@ -4,13 +4,17 @@ Grids as the reference tests (tests/attention_cases.py): head sizes 64 / 128 (an
 tails), GQA 1 / 3 / 4 / 5, block sizes
 16 / 32 / 128, 1-8 workers, fp32 / bf16 / fp16, neox / gptj / partial rotary, in a garbage-filled cache with
 shuffled block tables, segments starting and ending mid-block, empty segments and negative deltas. Each case runs
-on two cache packings: dim-contiguous pages and vLLM's CPU packing (keys dim-major inside a page), both as strided
-views of one buffer. Needs the compiled extension: a missing build fails (with how to build it), it is not skipped.
-Pure torch (no vLLM). The GPU path is the Triton kernel, tested on the same cases in tests/test_triton_attention.py.
+on three cache packings: dim-contiguous pages and vLLM's ``vec`` CPU packing (keys dim-major inside a page), both as
+strided views of one buffer, and vLLM's ``amx`` CPU packing (``packing="amx"``: 16-bit pairs in 32-bit lanes), on
+the cases it applies to (bf16 / fp16, block and head sizes multiples of 32; the grids list only those). Needs the
+compiled extension: a missing build fails (with how to build it), it is not skipped. Pure torch (no vLLM; the amx
+packer is checked against vLLM's own in tests/test_layouts.py). The GPU path is the Triton kernel, tested on the
+same cases in tests/test_triton_attention.py.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
@@ -25,19 +29,22 @@ from attention_cases import (
     build_scenario,
     make_rope,
     oracle,
+    paged_cache,
     table_from_views,
 )
 
-from hogwild_vllm.ops import hogwild_attention, hogwild_attention_reference
+from hogwild_vllm.ops import SegmentTable, hogwild_attention, hogwild_attention_reference
 from hogwild_vllm.ops._ext import load_ops
-from hogwild_vllm.ops.layouts import cpu_page_views
+from hogwild_vllm.ops.layouts import AMX_ALIGN, amx_pack_, amx_pages, cpu_page_views
 
 DEVICE = "cpu"
 IMPL = "ext"
 HEAD_SIZES = [64, 128]
 GQA_RATIOS = [1, 3, 4, 5]
 NUM_WORKERS = [1, 2, 3, 5, 8]
-PACKINGS = ["contiguous", "vllm-cpu"]
+PACKINGS = ["contiguous", "vllm-cpu", "vllm-amx"]
+OP_PACKING = {"contiguous": "strided", "vllm-cpu": "strided", "vllm-amx": "amx"}  # -> hogwild_attention(packing=)
+AMX_DTYPES = (torch.bfloat16, torch.float16)
 CASES = [("neox", torch.float32), ("gptj", torch.bfloat16), ("neox-partial", torch.bfloat16),
          ("gptj-partial", torch.float32), ("neox", torch.float16)]
 # Against the fp32 oracle. fp32: summation order only (seen 1e-6). bf16 / fp16: one rounding of the output to the
@@ -52,12 +59,30 @@ LSE_TOLERANCE: Tolerance = {"atol": 2e-5, "rtol": 2e-5}
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
+def packing_applies(packing: str, dtype: torch.dtype, block_size: int, head_size: int) -> bool:
+    """Every packing but amx holds any case; amx pages hold 16-bit caches with block and head sizes % 32 == 0."""
+    return packing != "vllm-amx" or (dtype in AMX_DTYPES and block_size % AMX_ALIGN == 0
+                                     and head_size % AMX_ALIGN == 0)
+
+
+def case_id(case: object) -> str:
+    return "-".join(str(x).split(".")[-1] for x in (case if isinstance(case, tuple) else (case,)))
+
+
+# (head_size, gqa_ratio, block_size, num_workers, (rope_style, dtype), packing), the packings where they apply
+MAIN_GRID = [case for case in itertools.product(HEAD_SIZES, GQA_RATIOS, BLOCK_SIZES, NUM_WORKERS, CASES, PACKINGS)
+             if packing_applies(case[5], case[4][1], case[2], case[0])]
 
 
 def repack(sc: Scenario, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The scenario's caches, on DEVICE, as strided views of one vLLM-style buffer [num_blocks, Hkv, bs, 2D]."""
+    """The scenario's caches, on DEVICE, in one vLLM-style buffer [num_blocks, Hkv, bs, 2D]: strided
+    [num_blocks, block_size, Hkv, D] views of it, or (vllm-amx) its amx pages [num_blocks, Hkv, block_size, D]."""
     num_blocks, block_size, num_kv_heads, head_size = sc.key_cache.shape
     buffer = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size).to(sc.key_cache.dtype).to(DEVICE)
+    if packing == "vllm-amx":
+        key_pages, value_pages = amx_pages(buffer)
+        amx_pack_(key_pages, value_pages, sc.key_cache.to(DEVICE), sc.value_cache.to(DEVICE))
+        return key_pages, value_pages
     if packing == "vllm-cpu":
         key, value = cpu_page_views(buffer)
     else:
@@ -72,18 +97,15 @@ def run_op(sc: Scenario, rope: TestRope, scale: float, packing: str = "contiguou
            ) -> tuple[torch.Tensor, torch.Tensor]:
     key, value = repack(sc, packing)
     out, lse = hogwild_attention(sc.query.to(DEVICE), key, value, sc.block_tables.to(DEVICE), sc.table.to(DEVICE),
-                                 rope.to(DEVICE), scale, return_lse=True, impl=IMPL)
+                                 rope.to(DEVICE), scale, return_lse=True, impl=IMPL, packing=OP_PACKING[packing])
     return out.cpu(), lse.cpu()
 
 
-@pytest.mark.parametrize("packing", PACKINGS)
-@pytest.mark.parametrize(("rope_style", "dtype"), CASES, ids=lambda case: str(case).split(".")[-1])
-@pytest.mark.parametrize("num_workers", NUM_WORKERS)
-@pytest.mark.parametrize("block_size", BLOCK_SIZES)
-@pytest.mark.parametrize("gqa_ratio", GQA_RATIOS)
-@pytest.mark.parametrize("head_size", HEAD_SIZES)
+@pytest.mark.parametrize(("head_size", "gqa_ratio", "block_size", "num_workers", "case", "packing"), MAIN_GRID,
+                         ids=case_id)
 def test_op_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int, num_workers: int,
-                                 dtype: torch.dtype, rope_style: str, packing: str, rng: random.Random) -> None:
+                                 case: tuple[str, torch.dtype], packing: str, rng: random.Random) -> None:
+    rope_style, dtype = case
     rope = make_rope("double", rope_style, head_size)
     assert isinstance(rope, TestRope)
     sc = build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, rng)
@@ -95,13 +117,15 @@ def test_op_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int
     torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
 
 
-
 # Value sizes that are not a whole number of the op's two-vector value chunks (16 fp32 lanes with AVX-512, 8 with
-# AVX2): 80 and 112 end on a one-vector chunk, 72 is not a whole number of 16-lane vectors (scalar path there).
-@pytest.mark.parametrize("packing", PACKINGS)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=lambda d: str(d).split(".")[-1])
-@pytest.mark.parametrize("block_size", [16, 128])
-@pytest.mark.parametrize("head_size", [72, 80, 96, 112])
+# AVX2): 80 and 112 end on a one-vector chunk, 72 is not a whole number of 16-lane vectors (scalar path there);
+# amx pages take 96 (a 64-dim chunk, then two single vectors).
+OTHER_HEAD_SIZE_GRID = [case for case in itertools.product([72, 80, 96, 112], [16, 128],
+                                                           [torch.float32, torch.bfloat16], PACKINGS)
+                        if packing_applies(case[3], case[2], case[1], case[0])]
+
+
+@pytest.mark.parametrize(("head_size", "block_size", "dtype", "packing"), OTHER_HEAD_SIZE_GRID, ids=case_id)
 def test_op_matches_dense_oracle_other_head_sizes(head_size: int, block_size: int, dtype: torch.dtype, packing: str,
                                                   rng: random.Random) -> None:
     rope = make_rope("double", "neox", head_size)
@@ -199,4 +223,131 @@ def test_opcheck(rng: random.Random) -> None:
     lse = torch.empty(sc.query.shape[:2])
     args = (out, sc.query, sc.key_cache, sc.value_cache, sc.block_tables, t.segments, t.view_offsets, t.query_view,
             t.query_pos, rope.cos_sin_table, rope.rotary_dim, rope.is_neox_style, 0.125, lse)
+    torch.library.opcheck(load_ops().hogwild_attention.default, args)
+
+
+def amx_case(block_size: int, head_size: int, dtype: torch.dtype, rng: random.Random,
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(key_pages, value_pages, key_cache, value_cache): a random 16-bit cache for hand-made tables, token-major
+    [num_blocks, block_size, Hkv, D] and packed the amx way [num_blocks, Hkv, block_size, D]."""
+    key_cache, value_cache, _ = paged_cache([3 * block_size], block_size, head_size, head_size, rng)
+    key_cache, value_cache = key_cache.to(dtype), value_cache.to(dtype)
+    buffer = torch.empty(key_cache.shape[0], NUM_KV_HEADS, block_size, 2 * head_size, dtype=dtype)
+    key_pages, value_pages = amx_pages(buffer)
+    amx_pack_(key_pages, value_pages, key_cache, value_cache)
+    return key_pages, value_pages, key_cache, value_cache
+
+
+# Runs that start and end on either token of an amx pair (values of tokens t, t + 1 share one 32-bit lane), at the
+# start, in the middle and at the end of a page, and across a page boundary: (start, length) in one sequence.
+ODD_RUNS = [(3, 10), (1, 1), (6, 1), (33, 30), (60, 9), (95, 2), (31, 34)]
+
+
+@pytest.mark.parametrize("dtype", AMX_DTYPES, ids=case_id)
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_runs_ending_mid_pair_never_read_unwritten_slots(packing: str, dtype: torch.dtype,
+                                                         rng: random.Random) -> None:
+    """Every slot outside the segments holds NaN bits (what an unwritten cache slot may hold): the tokens beside a
+    run, inside its 32-bit lanes and vectors, must be left out, not weighted by 0. The output is finite and equals
+    the oracle."""
+    head_size, block_size = 64, 32
+    rope = make_rope("double", "gptj", head_size)
+    assert isinstance(rope, TestRope)
+    num_blocks = 5
+    block_tables = torch.randperm(num_blocks)[:4].int()[None]  # [1, 4]: one sequence of 128 tokens, shuffled
+    segments = [(0, start, length, 0) for start, length in ODD_RUNS]
+    views = [[seg] for seg in segments]
+    queries = [[(start + length - 1, length - 1), (start + length // 2, length // 2)] for start, length in ODD_RUNS]
+    table = table_from_views(views, queries)
+    written = torch.cat([torch.arange(start, start + length) for start, length in ODD_RUNS]).unique()  # [W]
+    slots = block_tables[0].long()[written // block_size] * block_size + written % block_size  # [W]
+    shape = (num_blocks * block_size, NUM_KV_HEADS, head_size)
+    key_cache = torch.full(shape, float("nan"), dtype=dtype)  # [slots, Hkv, D] first, then paged
+    value_cache = torch.full(shape, float("nan"), dtype=dtype)
+    key_cache[slots] = torch.randn(len(slots), NUM_KV_HEADS, head_size).to(dtype)
+    value_cache[slots] = torch.randn(len(slots), NUM_KV_HEADS, head_size).to(dtype)
+    paged = (num_blocks, block_size, NUM_KV_HEADS, head_size)
+    sc = Scenario(torch.randn(table.num_tokens, NUM_KV_HEADS * 3, head_size).to(dtype), torch.empty(0),
+                  key_cache.view(paged), value_cache.view(paged), block_tables, table, [], [], [])
+    out, lse = run_op(sc, rope, 0.125, packing)
+    want_out, want_lse = oracle(sc, rope, 0.125)
+    assert bool(out.isfinite().all()) and bool(lse.isfinite().all())
+    torch.testing.assert_close(out.float(), want_out, **OUT_TOLERANCES[dtype])
+    torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
+
+
+def test_amx_reference_reads_the_pages(rng: random.Random) -> None:
+    """impl="reference" with packing="amx" unpacks the pages: the same as the reference on the token-major cache."""
+    rope = make_rope("double", "neox", 64)
+    key_pages, value_pages, key_cache, value_cache = amx_case(32, 64, torch.bfloat16, rng)
+    table = table_from_views([[(0, 5, 40, 0), (0, 70, 9, 40)]], [[(78, 48), (50, 20)]])
+    block_tables = torch.randperm(key_cache.shape[0])[:3].int()[None]  # [1, 3]
+    query = torch.randn(2, NUM_KV_HEADS * 2, 64).bfloat16()
+    got = hogwild_attention(query, key_pages, value_pages, block_tables, table, rope, 0.125, impl="reference",
+                            packing="amx")
+    want = hogwild_attention_reference(query, key_cache, value_cache, block_tables, table, rope, 0.125)
+    assert isinstance(got, torch.Tensor) and isinstance(want, torch.Tensor)
+    assert torch.equal(got, want)
+
+
+def amx_call(key_pages: torch.Tensor, value_pages: torch.Tensor, packing: int = 1, head_size: int = 64,
+             dtype: torch.dtype = torch.bfloat16) -> None:
+    """The raw op on one query token that reads 4 keys of sequence 0."""
+    rope = make_rope("double", "neox", head_size)
+    table = table_from_views([[(0, 0, 4, 0)]], [[(3, 3)]])
+    query = torch.randn(1, NUM_KV_HEADS, head_size).to(dtype)  # [T, Hq, D]
+    load_ops().hogwild_attention(torch.empty(1, NUM_KV_HEADS, value_pages.shape[-1], dtype=dtype), query, key_pages,
+                                 value_pages, torch.zeros(1, 1, dtype=torch.int32), table.segments,
+                                 table.view_offsets, table.query_view, table.query_pos, rope.cos_sin_table,
+                                 rope.rotary_dim, True, 0.125, None, packing)
+
+
+def pages(num_blocks: int, block_size: int, head_size: int, dtype: torch.dtype = torch.bfloat16,
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    return amx_pages(torch.randn(num_blocks, NUM_KV_HEADS, block_size, 2 * head_size).to(dtype))
+
+
+BAD_AMX_ARGUMENTS = {
+    "float32": (lambda: pages(2, 32, 64, torch.float32), 1, 64, torch.float32, "bfloat16 or float16"),
+    "block-16": (lambda: pages(2, 16, 64), 1, 64, torch.bfloat16, "multiples of 32"),
+    "head-80": (lambda: pages(2, 32, 80), 1, 80, torch.bfloat16, "multiples of 32"),
+    # [num_blocks, block_size, Hkv, D] views read as [num_blocks, Hkv, block_size, D]: block_size 2
+    "token-major-views": (lambda: cpu_page_views(torch.randn(2, NUM_KV_HEADS, 32, 128).bfloat16()), 1, 64,
+                          torch.bfloat16, "multiples of 32"),
+    "strided-pages": (lambda: (torch.randn(2, NUM_KV_HEADS, 32, 128).bfloat16()[..., :64],) * 2, 1, 64,
+                      torch.bfloat16, "each amx page must be contiguous"),
+    "value-size": (lambda: (pages(2, 32, 64)[0], pages(2, 32, 96)[1]), 1, 64, torch.bfloat16, "value size = D"),
+    "packing-2": (lambda: pages(2, 32, 64), 2, 64, torch.bfloat16, "packing must be 0"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_AMX_ARGUMENTS)
+def test_bad_amx_arguments_are_refused(name: str) -> None:
+    make_pages, packing, head_size, dtype, message = BAD_AMX_ARGUMENTS[name]
+    key_pages, value_pages = make_pages()
+    with pytest.raises(RuntimeError, match=message):
+        amx_call(key_pages, value_pages, packing, head_size, dtype)
+
+
+def test_bad_packing_names_and_triton_amx_are_refused() -> None:
+    rope = make_rope("double", "neox", 64)
+    table = table_from_views([[(0, 0, 4, 0)]], [[(3, 3)]])
+    key_pages, value_pages = pages(2, 32, 64)
+    args = (torch.randn(1, NUM_KV_HEADS, 64).bfloat16(), key_pages, value_pages, torch.zeros(1, 1, dtype=torch.int32),
+            table, rope, 0.125)
+    with pytest.raises(ValueError, match="packing='vec'"):
+        hogwild_attention(*args, impl=IMPL, packing="vec")
+    with pytest.raises(ValueError, match="Triton kernel reads strided caches only"):
+        hogwild_attention(*args, impl="triton", packing="amx")
+
+
+def test_opcheck_amx_pages(rng: random.Random) -> None:
+    rope = make_rope("double", "neox-partial", 64)
+    key_pages, value_pages, _, _ = amx_case(32, 64, torch.bfloat16, rng)
+    table: SegmentTable = table_from_views([[(0, 3, 50, 0)], [(0, 20, 61, 0)]], [[(52, 49)], [(80, 60), (60, 40)]])
+    block_tables = torch.randperm(key_pages.shape[0])[:3].int()[None]  # [1, 3]
+    query = torch.randn(3, NUM_KV_HEADS * 3, 64).bfloat16()
+    out, lse = torch.empty(3, NUM_KV_HEADS * 3, 64, dtype=torch.bfloat16), torch.empty(3, NUM_KV_HEADS * 3)
+    args = (out, query, key_pages, value_pages, block_tables, table.segments, table.view_offsets, table.query_view,
+            table.query_pos, rope.cos_sin_table, rope.rotary_dim, rope.is_neox_style, 0.125, lse, 1)
     torch.library.opcheck(load_ops().hogwild_attention.default, args)

@@ -6,9 +6,11 @@
 // token's delta for the segment (fp32, pre-scaled), masked to the token's visible prefix, and folded into the
 // token's online softmax. Nothing is written but out and lse. Inner
 // loops run on fp32 vectors of the widest ISA the build enables (16 lanes with AVX-512, else 8: AVX2 or two SSE
-// registers), over page tokens for keys (vLLM's dim-major pages) and over dims for values. Items run in parallel
-// with at::parallel_for, on the threads the caller's process has (vLLM's CPU worker gives its OpenMP pool its own
-// cores).
+// registers), over page tokens for keys and over dims for values. Two page packings: strided views (vLLM's `vec`
+// packing has dim-major key pages) and vLLM's `amx` pages, whose 32-bit lanes each hold a pair of 16-bit elements
+// (two dims of one key, one dim of two tokens' values), so that one load serves two dims or two tokens; the
+// packing is a template argument, chosen once per call. Items run in parallel with at::parallel_for, on the threads
+// the caller's process has (vLLM's CPU worker gives its OpenMP pool its own cores).
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
@@ -33,13 +35,17 @@ namespace {
 using hogwild::HogwildAttentionParams;
 using hogwild::SegmentRow;
 
+constexpr int64_t kAmxKeyTokens = 16;   // tokens of one key group of an amx page (one dim-pair row: 16 lanes)
+constexpr int64_t kAmxValueDims = 16;   // dims of one value group of an amx page (one token-pair row: 16 lanes)
+
 #if defined(__AVX512F__)
 constexpr int64_t kLanes = 16;           // fp32 lanes of one vector: an AVX-512 register
 #else
 constexpr int64_t kLanes = 8;            // fp32 lanes of one vector (AVX2 register; two SSE registers without AVX)
 #endif
-constexpr int kRun = 4;                  // vectors of keys scored at once
-constexpr int64_t kChunk = kRun * kLanes;  // one aligned run of 32 (64) page tokens of one key dim
+constexpr int kRun = 8;                  // vectors of keys in one run (one softmax update per run and row)
+constexpr int64_t kChunk = kRun * kLanes;  // one aligned run of 64 (128) page tokens
+constexpr int kScoreVectors = 4;         // vectors of keys scored at once (accumulators held in registers)
 constexpr int64_t kScoreHeads = 3;       // query heads whose scores stay in registers together (3 x 4 vectors)
 constexpr int64_t kValueHeads = 4;       // query heads whose value sums stay in registers together
 #if defined(__AVX512F__)
@@ -99,6 +105,33 @@ inline vfloat load_lanes(const c10::Half* src) {
   return load_lanes(tmp);
 #endif
 }
+// kLanes fp16 bit patterns -> fp32 lanes.
+inline vfloat halves_to_float(vhalfbits h) {
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_mask_cvtph_ps(_mm512_setzero_ps(), 0xFFFF, reinterpret_cast<__m256i>(h)));
+#elif defined(__F16C__)
+  return reinterpret_cast<vfloat>(_mm256_cvtph_ps(reinterpret_cast<__m128i>(h)));
+#else
+  vfloat v;
+  for (int64_t i = 0; i < kLanes; ++i) v[i] = static_cast<float>(c10::Half(h[i], c10::Half::from_bits()));
+  return v;
+#endif
+}
+
+// Amx pages: kLanes 32-bit lanes, each a pair of 16-bit elements; the low halves (first element of each pair) or
+// the high halves as fp32. Each takes only its own half's bits, so the other half may hold anything (NaN bits).
+inline vbits load_pairs(const void* src) {
+  vbits bits;
+  std::memcpy(&bits, src, sizeof(bits));
+  return bits;
+}
+inline vfloat low_halves(vbits bits, c10::BFloat16) { return reinterpret_cast<vfloat>(bits << 16); }
+inline vfloat high_halves(vbits bits, c10::BFloat16) { return reinterpret_cast<vfloat>(bits & 0xFFFF0000u); }
+inline vfloat low_halves(vbits bits, c10::Half) { return halves_to_float(__builtin_convertvector(bits, vhalfbits)); }
+inline vfloat high_halves(vbits bits, c10::Half) {
+  return halves_to_float(__builtin_convertvector(bits >> 16, vhalfbits));
+}
+
 inline float load_float(float v) { return v; }
 inline float load_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float load_float(c10::Half v) { return static_cast<float>(v); }
@@ -125,15 +158,49 @@ inline vfloat exp_nonpositive(vfloat x) {
 }
 inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
 
+// Horizontal max and sum, as trees of shuffles where the ISA has them (a lane-by-lane loop is a long dependency
+// chain, paid once per run and row).
+#if defined(__AVX2__)
+#if defined(__AVX512F__)
+inline __m256 half_lanes(vfloat v, int half) {  // lanes 8 * half .. 8 * half + 7
+  // maskz: the plain forms (and the cast) have an undefined operand inside the intrinsic, which GCC 12 warns about
+  const __m512d x = _mm512_castps_pd(reinterpret_cast<__m512>(v));
+  return _mm256_castpd_ps(half == 0 ? _mm512_maskz_extractf64x4_pd(0xFF, x, 0)
+                                    : _mm512_maskz_extractf64x4_pd(0xFF, x, 1));
+}
+#endif
+inline float max8(__m256 x) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+inline float sum8(__m256 x) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  return _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)));
+}
+#endif
 inline float lane_max(vfloat v) {
+#if defined(__AVX512F__)
+  return max8(_mm256_max_ps(half_lanes(v, 0), half_lanes(v, 1)));
+#elif defined(__AVX2__)
+  return max8(reinterpret_cast<__m256>(v));
+#else
   float m = v[0];
   for (int64_t i = 1; i < kLanes; ++i) m = std::max(m, v[i]);
   return m;
+#endif
 }
 inline float lane_sum(vfloat v) {
+#if defined(__AVX512F__)
+  return sum8(_mm256_add_ps(half_lanes(v, 0), half_lanes(v, 1)));
+#elif defined(__AVX2__)
+  return sum8(reinterpret_cast<__m256>(v));
+#else
   float s = 0.0f;
   for (int64_t i = 0; i < kLanes; ++i) s += v[i];
   return s;
+#endif
 }
 
 // The query tokens of one work item that read one run of keys: (sequence, first token), every use with its own
@@ -194,32 +261,82 @@ inline void score_run_dim_major(const HogwildAttentionParams<scalar_t>& p, const
   }
 }
 
+// Amx key page (groups of 16 tokens; in a group, one row of 16 lanes per dim pair, lane i = token i's two dims):
+// as score_run_dim_major. Vector v holds page tokens j0 + v * kLanes ..; one load per dim pair gives both dims'
+// keys of its kLanes tokens (low halves: the even dim, high halves: the odd one).
+template <int kBlock, int kVectors, typename scalar_t>
+inline void score_run_amx(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0,
+                          const float* q_rot, int64_t g0, vfloat* scores) {
+  vfloat acc[kBlock][kVectors];
+  for (int b = 0; b < kBlock; ++b) {
+    for (int v = 0; v < kVectors; ++v) acc[b][v] = vfloat{};
+  }
+  const int64_t d_size = p.head_size;
+  const scalar_t* lanes[kVectors];  // vector v's lanes in the row of dims 0 and 1
+  for (int v = 0; v < kVectors; ++v) {
+    const int64_t j = j0 + v * kLanes;
+    lanes[v] = page + (j / kAmxKeyTokens) * kAmxKeyTokens * d_size + (j % kAmxKeyTokens) * 2;
+  }
+  for (int64_t d = 0; d < d_size; d += 2) {  // the row of dims d, d + 1 starts d * 16 elements into the group
+    vfloat q_even[kBlock], q_odd[kBlock];
+    for (int b = 0; b < kBlock; ++b) {
+      q_even[b] = splat(q_rot[(g0 + b) * d_size + d]);
+      q_odd[b] = splat(q_rot[(g0 + b) * d_size + d + 1]);
+    }
+    for (int v = 0; v < kVectors; ++v) {
+      const vbits bits = load_pairs(lanes[v] + d * kAmxKeyTokens);
+      const vfloat even = low_halves(bits, scalar_t{}), odd = high_halves(bits, scalar_t{});
+      for (int b = 0; b < kBlock; ++b) {
+        acc[b][v] += q_even[b] * even;
+        acc[b][v] += q_odd[b] * odd;
+      }
+    }
+  }
+  for (int b = 0; b < kBlock; ++b) {
+    for (int v = 0; v < kVectors; ++v) scores[kRun * (g0 + b) + v] = acc[b][v];
+  }
+}
+
+template <int kBlock, int kVectors, bool kAmx, typename scalar_t>
+inline void score_block(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0,
+                        const float* q_rot, int64_t g0, vfloat* scores) {
+  if constexpr (kAmx) {
+    score_run_amx<kBlock, kVectors>(p, page, j0, q_rot, g0, scores);
+  } else {
+    score_run_dim_major<kBlock, kVectors>(p, page, j0, q_rot, g0, scores);
+  }
+}
+
 // All heads of the group, in blocks of kScoreHeads.
-template <int kVectors, typename scalar_t>
-inline void score_heads_dim_major(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0,
-                                  int64_t group, const float* q_rot, vfloat* scores) {
+template <int kVectors, bool kAmx, typename scalar_t>
+inline void score_heads(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0, int64_t group,
+                        const float* q_rot, vfloat* scores) {
   int64_t g0 = 0;
   for (; g0 + kScoreHeads <= group; g0 += kScoreHeads) {
-    score_run_dim_major<kScoreHeads, kVectors>(p, page, j0, q_rot, g0, scores);
+    score_block<kScoreHeads, kVectors, kAmx>(p, page, j0, q_rot, g0, scores);
   }
   switch (group - g0) {
-    case 2: score_run_dim_major<2, kVectors>(p, page, j0, q_rot, g0, scores); break;
-    case 1: score_run_dim_major<1, kVectors>(p, page, j0, q_rot, g0, scores); break;
+    case 2: score_block<2, kVectors, kAmx>(p, page, j0, q_rot, g0, scores); break;
+    case 1: score_block<1, kVectors, kAmx>(p, page, j0, q_rot, g0, scores); break;
     default: break;
   }
 }
 
-// scores[g] (2 vectors: page tokens j0 .. j0 + 15) for every head g of the group; lanes outside the run are
-// garbage here and masked by the caller.
-template <typename scalar_t>
+// scores[g] (kRun vectors: page tokens j0 .. j0 + kChunk - 1) for every head g of the group; lanes outside the run
+// are garbage here and masked by the caller.
+template <bool kAmx, typename scalar_t>
 void score_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0, int64_t lo, int64_t hi,
                int64_t group, const float* q_rot, vfloat* scores) {
-  if (p.k_stride_token == 1 && p.block_size % kLanes == 0) {
-    switch ((hi + kLanes - 1) / kLanes) {  // vectors the run needs: short segments (glue, peers' steps) score less
-      case 1: score_heads_dim_major<1>(p, page, j0, group, q_rot, scores); break;
-      case 2: score_heads_dim_major<2>(p, page, j0, group, q_rot, scores); break;
-      case 3: score_heads_dim_major<3>(p, page, j0, group, q_rot, scores); break;
-      default: score_heads_dim_major<kRun>(p, page, j0, group, q_rot, scores); break;
+  if (kAmx || (p.k_stride_token == 1 && p.block_size % kLanes == 0)) {
+    const int nv = static_cast<int>((hi + kLanes - 1) / kLanes);  // vectors the run needs (short segments: fewer)
+    for (int v0 = 0; v0 < nv; v0 += kScoreVectors) {
+      const int64_t j = j0 + v0 * kLanes;
+      switch (std::min(nv - v0, kScoreVectors)) {
+        case 1: score_heads<1, kAmx>(p, page, j, group, q_rot, scores + v0); break;
+        case 2: score_heads<2, kAmx>(p, page, j, group, q_rot, scores + v0); break;
+        case 3: score_heads<3, kAmx>(p, page, j, group, q_rot, scores + v0); break;
+        default: score_heads<kScoreVectors, kAmx>(p, page, j, group, q_rot, scores + v0); break;
+      }
     }
     return;
   }
@@ -261,19 +378,79 @@ inline void accumulate_values(const HogwildAttentionParams<scalar_t>& p, const s
   }
 }
 
+// Amx value page (groups of 16 dims; in a group, one row of 16 lanes per token pair, lane i = dim i of both
+// tokens): as accumulate_values. Vector v holds dims d0 + v * kLanes ..; one load per token pair gives both tokens'
+// values (low halves: the even token, high halves: the odd one). A run that starts or ends inside a pair takes only
+// its own token's half: the other slot may never have been written (NaN bits), so it is left out, not weighted 0.
+template <int kBlock, int kVecs, typename scalar_t>
+inline void accumulate_values_amx(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0,
+                                  int64_t lo, int64_t hi, const vfloat* probs, float* acc, int64_t g0, int64_t d0) {
+  const int64_t dv = p.value_size;
+  vfloat a[kBlock][kVecs];
+  for (int b = 0; b < kBlock; ++b) {
+    for (int v = 0; v < kVecs; ++v) a[b][v] = load_lanes(acc + (g0 + b) * dv + d0 + v * kLanes);
+  }
+  const scalar_t* lanes[kVecs];  // vector v's lanes in the row of tokens 0 and 1
+  for (int v = 0; v < kVecs; ++v) {
+    const int64_t d = d0 + v * kLanes;
+    lanes[v] = vpage + (d / kAmxValueDims) * kAmxValueDims * p.block_size + (d % kAmxValueDims) * 2;
+  }
+  const float* weight[kBlock];  // weight[b][j]: head g0 + b's probability of lane j
+  for (int b = 0; b < kBlock; ++b) weight[b] = reinterpret_cast<const float*>(probs + kRun * (g0 + b));
+  // j0 is even (vector-aligned), so page token j0 + j is the second of its pair iff j is odd; the row of tokens
+  // t, t + 1 (t even) starts t * 16 elements into the group.
+  int64_t j = lo;
+  if (j % 2 == 1 && j < hi) {  // the run starts on the second token of a pair
+    for (int v = 0; v < kVecs; ++v) {
+      const vfloat val = high_halves(load_pairs(lanes[v] + (j0 + j - 1) * kAmxValueDims), scalar_t{});
+      for (int b = 0; b < kBlock; ++b) a[b][v] += splat(weight[b][j]) * val;
+    }
+    ++j;
+  }
+  for (; j + 1 < hi; j += 2) {
+    for (int v = 0; v < kVecs; ++v) {
+      const vbits bits = load_pairs(lanes[v] + (j0 + j) * kAmxValueDims);
+      const vfloat first = low_halves(bits, scalar_t{}), second = high_halves(bits, scalar_t{});
+      for (int b = 0; b < kBlock; ++b) {
+        a[b][v] += splat(weight[b][j]) * first;
+        a[b][v] += splat(weight[b][j + 1]) * second;
+      }
+    }
+  }
+  if (j < hi) {  // the run ends on the first token of a pair
+    for (int v = 0; v < kVecs; ++v) {
+      const vfloat val = low_halves(load_pairs(lanes[v] + (j0 + j) * kAmxValueDims), scalar_t{});
+      for (int b = 0; b < kBlock; ++b) a[b][v] += splat(weight[b][j]) * val;
+    }
+  }
+  for (int b = 0; b < kBlock; ++b) {
+    for (int v = 0; v < kVecs; ++v) std::memcpy(acc + (g0 + b) * dv + d0 + v * kLanes, &a[b][v], sizeof(vfloat));
+  }
+}
+
+template <int kBlock, int kVecs, bool kAmx, typename scalar_t>
+inline void accumulate_block(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0,
+                             int64_t lo, int64_t hi, const vfloat* probs, float* acc, int64_t g0, int64_t d0) {
+  if constexpr (kAmx) {
+    accumulate_values_amx<kBlock, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0);
+  } else {
+    accumulate_values<kBlock, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0);
+  }
+}
+
 // accumulate_values for every row, kValueHeads rows at a time.
-template <int kVecs, typename scalar_t>
+template <int kVecs, bool kAmx, typename scalar_t>
 inline void accumulate_value_rows(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0,
                                   int64_t lo, int64_t hi, int64_t rows, const vfloat* probs, float* acc,
                                   int64_t d0) {
   int64_t g0 = 0;
   for (; g0 + kValueHeads <= rows; g0 += kValueHeads) {
-    accumulate_values<kValueHeads, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0);
+    accumulate_block<kValueHeads, kVecs, kAmx>(p, vpage, j0, lo, hi, probs, acc, g0, d0);
   }
   switch (rows - g0) {
-    case 3: accumulate_values<3, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
-    case 2: accumulate_values<2, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
-    case 1: accumulate_values<1, kVecs>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
+    case 3: accumulate_block<3, kVecs, kAmx>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
+    case 2: accumulate_block<2, kVecs, kAmx>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
+    case 1: accumulate_block<1, kVecs, kAmx>(p, vpage, j0, lo, hi, probs, acc, g0, d0); break;
     default: break;
   }
 }
@@ -281,7 +458,7 @@ inline void accumulate_value_rows(const HogwildAttentionParams<scalar_t>& p, con
 // Folds the scores of one run into the online softmax of each of the `rows` rows: lanes lo .. hi - 1 are page
 // tokens j0 + lo .. of the segment, from its token `seg_offset` on; row r sees the segment's first limit[r] tokens.
 // state[r] and acc[r * Dv ..] are row r's softmax state and value sums.
-template <typename scalar_t>
+template <bool kAmx, typename scalar_t>
 void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0, int64_t lo,
                     int64_t hi, int64_t rows, vfloat* scores, hogwild::SoftmaxState* state, float* acc_rows,
                     const int64_t* limit, int64_t seg_offset) {
@@ -327,7 +504,7 @@ void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* v
       for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
     }
   }
-  if (dv % kLanes != 0) {  // value sizes that are not a whole number of vectors: scalar
+  if (!kAmx && dv % kLanes != 0) {  // value sizes that are not a whole number of vectors: scalar (strided only)
     for (int64_t g = 0; g < rows; ++g) {
       const float* pj = reinterpret_cast<const float*>(scores + kRun * g);
       float* acc = acc_rows + g * dv;
@@ -340,9 +517,37 @@ void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* v
   }
   int64_t d0 = 0;  // chunks of kValueVecs vectors of dims, then what is left vector by vector
   for (; d0 + kValueVecs * kLanes <= dv; d0 += kValueVecs * kLanes) {
-    accumulate_value_rows<kValueVecs>(p, vpage, j0, lo, hi, rows, scores, acc_rows, d0);
+    accumulate_value_rows<kValueVecs, kAmx>(p, vpage, j0, lo, hi, rows, scores, acc_rows, d0);
   }
-  for (; d0 < dv; d0 += kLanes) accumulate_value_rows<1>(p, vpage, j0, lo, hi, rows, scores, acc_rows, d0);
+  for (; d0 < dv; d0 += kLanes) accumulate_value_rows<1, kAmx>(p, vpage, j0, lo, hi, rows, scores, acc_rows, d0);
+}
+
+// Asks for the cache lines of [begin, begin + bytes) in L2 ahead of their use (a run of keys and values is more
+// than L1 holds).
+inline void prefetch_bytes(const void* begin, int64_t bytes) {
+  const char* at = static_cast<const char*>(begin);
+  for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(at + b, 0, 2);
+}
+
+// Amx pages: prefetches the run that starts at segment token `next` (< end) of one block-table row, so that its
+// pages (at a random place in the cache, which the hardware prefetcher cannot guess) load while the current run
+// computes: keys of whole 16-token groups, values of the token pairs' rows of every 16-dim group.
+template <typename scalar_t>
+void prefetch_amx_run(const HogwildAttentionParams<scalar_t>& p, const int32_t* blocks, int64_t next, int64_t end,
+                      int64_t kv_head) {
+  const int64_t block = blocks[next / p.block_size];
+  if (block < 0 || block >= p.num_blocks) return;  // the run itself reports it
+  const int64_t off = next % p.block_size, j0 = off - off % kLanes;
+  const int64_t j_end = std::min({j0 + kChunk, p.block_size, off + (end - next)});
+  const int64_t elem = sizeof(scalar_t);
+  const scalar_t* kpage = p.key_cache + block * p.k_stride_block + kv_head * p.k_stride_head;
+  const int64_t group = j0 / kAmxKeyTokens, groups = (j_end + kAmxKeyTokens - 1) / kAmxKeyTokens - group;
+  prefetch_bytes(kpage + group * kAmxKeyTokens * p.head_size, groups * kAmxKeyTokens * p.head_size * elem);
+  const scalar_t* vpage = p.value_cache + block * p.v_stride_block + kv_head * p.v_stride_head;
+  const int64_t pair = j0 / 2, pairs = (j_end + 1) / 2 - pair;
+  for (int64_t d = 0; d < p.value_size; d += kAmxValueDims) {
+    prefetch_bytes(vpage + d * p.block_size + pair * 2 * kAmxValueDims, pairs * 2 * kAmxValueDims * elem);
+  }
 }
 
 // Groups the (token, segment) pairs of tokens first .. last - 1 by the keys they read, into w.shared. Returns false
@@ -380,7 +585,7 @@ bool collect_segments(const HogwildAttentionParams<scalar_t>& p, int64_t first, 
 }
 
 // One work item: tokens first .. last - 1, one KV head, all its query heads. Returns false on a bad table.
-template <typename scalar_t>
+template <bool kAmx, typename scalar_t>
 bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64_t last, int64_t kv_head,
                  Scratch& w) {
   const int64_t group = p.num_heads / p.num_kv_heads;
@@ -425,9 +630,10 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
       const int64_t hi = std::min({kChunk, p.block_size - j0, lo + (end - i)});
       const scalar_t* kpage = p.key_cache + block * p.k_stride_block + kv_head * p.k_stride_head;
       const scalar_t* vpage = p.value_cache + block * p.v_stride_block + kv_head * p.v_stride_head;
-      score_run(p, kpage, j0, lo, hi, rows, w.q_rot.data(), w.scores.data());
-      accumulate_run(p, vpage, j0, lo, hi, rows, w.scores.data(), w.state_s.data(), w.acc_s.data(),
-                     w.limit.data(), i - sh.start);
+      if (kAmx && i + hi - lo < end) prefetch_amx_run(p, blocks, i + hi - lo, end, kv_head);
+      score_run<kAmx>(p, kpage, j0, lo, hi, rows, w.q_rot.data(), w.scores.data());
+      accumulate_run<kAmx>(p, vpage, j0, lo, hi, rows, w.scores.data(), w.state_s.data(), w.acc_s.data(),
+                           w.limit.data(), i - sh.start);
       i += hi - lo;
     }
     for (size_t u = 0; u < sh.uses.size(); ++u) {  // merge each use into its token's softmax (log-sum-exp)
@@ -457,7 +663,8 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
   return true;
 }
 
-template <typename scalar_t>
+// kAmx: p.packing == kAmxPages (bf16 / fp16 only).
+template <bool kAmx, typename scalar_t>
 void launch(const HogwildAttentionParams<scalar_t>& p) {
   const int64_t group = p.num_heads / p.num_kv_heads;
   // Tokens per item: up to kTokensPerItem (keys shared by more tokens are loaded fewer times), but small enough
@@ -474,11 +681,21 @@ void launch(const HogwildAttentionParams<scalar_t>& p) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t first = (item / p.num_kv_heads) * per_item;
       const int64_t last = std::min(p.num_tokens, first + per_item);
-      if (!attend_item(p, first, last, item % p.num_kv_heads, w)) ok.store(false);
+      if (!attend_item<kAmx>(p, first, last, item % p.num_kv_heads, w)) ok.store(false);
     }
   });
   TORCH_CHECK(ok.load(), "hogwild_attention: the segment table reads outside the block tables, the cache or the "
               "RoPE table (a view, segment, block id or |delta| out of range)");
+}
+
+// The 16-bit types, on either packing.
+template <typename scalar_t>
+void launch_16bit(const HogwildAttentionParams<scalar_t>& p) {
+  if (p.packing == hogwild::kAmxPages) {
+    launch<true>(p);
+  } else {
+    launch<false>(p);
+  }
 }
 
 }  // namespace
@@ -487,25 +704,27 @@ void hogwild_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::T
                            const at::Tensor& value_cache, const at::Tensor& block_tables, const at::Tensor& segments,
                            const at::Tensor& view_offsets, const at::Tensor& query_view, const at::Tensor& query_pos,
                            const at::Tensor& cos_sin_table, int64_t rotary_dim, bool is_neox, double scale,
-                           const std::optional<at::Tensor>& lse) {
+                           const std::optional<at::Tensor>& lse, int64_t packing) {
   hogwild::check_hogwild_attention_args(out, query, key_cache, value_cache, block_tables, segments, view_offsets,
-                                        query_view, query_pos, cos_sin_table, rotary_dim, lse, c10::DeviceType::CPU);
+                                        query_view, query_pos, cos_sin_table, rotary_dim, lse, packing,
+                                        c10::DeviceType::CPU);
   if (query.size(0) == 0) return;
   switch (query.scalar_type()) {
-    case at::kFloat:
-      launch(hogwild::make_hogwild_attention_params<float>(out, query, key_cache, value_cache, block_tables, segments,
-                                                           view_offsets, query_view, query_pos, cos_sin_table,
-                                                           rotary_dim, is_neox, scale, lse));
+    case at::kFloat:  // strided only (the checks refuse fp32 amx pages)
+      launch<false>(hogwild::make_hogwild_attention_params<float>(out, query, key_cache, value_cache, block_tables,
+                                                                  segments, view_offsets, query_view, query_pos,
+                                                                  cos_sin_table, rotary_dim, is_neox, scale, lse,
+                                                                  packing));
       break;
     case at::kBFloat16:
-      launch(hogwild::make_hogwild_attention_params<c10::BFloat16>(
+      launch_16bit(hogwild::make_hogwild_attention_params<c10::BFloat16>(
           out, query, key_cache, value_cache, block_tables, segments, view_offsets, query_view, query_pos,
-          cos_sin_table, rotary_dim, is_neox, scale, lse));
+          cos_sin_table, rotary_dim, is_neox, scale, lse, packing));
       break;
     case at::kHalf:
-      launch(hogwild::make_hogwild_attention_params<c10::Half>(out, query, key_cache, value_cache, block_tables,
-                                                               segments, view_offsets, query_view, query_pos,
-                                                               cos_sin_table, rotary_dim, is_neox, scale, lse));
+      launch_16bit(hogwild::make_hogwild_attention_params<c10::Half>(
+          out, query, key_cache, value_cache, block_tables, segments, view_offsets, query_view, query_pos,
+          cos_sin_table, rotary_dim, is_neox, scale, lse, packing));
       break;
     default:
       TORCH_CHECK(false, "hogwild_attention: unsupported dtype ", query.scalar_type());

@@ -13,9 +13,19 @@
 
 namespace hogwild {
 
+// How the cache pages are laid out (the op's `packing` argument).
+//   kStridedPages: key_cache / value_cache are [num_blocks, block_size, Hkv, D] views with any strides.
+//   kAmxPages:     vLLM's `amx` CPU packing (bf16 / fp16, block_size and D multiples of 32): the caches are
+//                  [num_blocks, Hkv, block_size, D] tensors whose (block, head) pages are block_size * D contiguous
+//                  elements, key (t, d) at (t / 16) * 16 D + (d / 2) * 32 + (t % 16) * 2 + d % 2 and value (t, d) at
+//                  (d / 16) * 16 block_size + (t / 2) * 32 + (d % 16) * 2 + t % 2 (hogwild_vllm/ops/layouts.py).
+enum PagePacking : int { kStridedPages = 0, kAmxPages = 1 };
+constexpr int64_t kAmxAlign = 32;  // block_size and D of amx pages are multiples of this
+
 // Raw view of hogwild_C::hogwild_attention's arguments. Strides count elements. Query, out and cache share one
-// element type; the last dim of query, out and value_cache is contiguous; keys may be dim-contiguous (k_stride_dim
-// == 1) or token-contiguous inside a page (k_stride_token == 1, vLLM's CPU page layout).
+// element type; the last dim of query, out and value_cache is contiguous; strided keys may be dim-contiguous
+// (k_stride_dim == 1) or token-contiguous inside a page (k_stride_token == 1, vLLM's `vec` CPU packing). Amx pages
+// have only block and head strides (k_stride_token / k_stride_dim / v_stride_token are 0).
 template <typename scalar_t>
 struct HogwildAttentionParams {
   const scalar_t* query;  // [num_tokens, num_heads, head_size], rotated at natural positions
@@ -24,10 +34,11 @@ struct HogwildAttentionParams {
   int64_t o_stride_token, o_stride_head;
   float* lse;  // [num_tokens, num_heads] or nullptr (written)
   int64_t lse_stride_token;
-  const scalar_t* key_cache;  // [num_blocks, block_size, num_kv_heads, head_size], any strides
+  const scalar_t* key_cache;  // [num_blocks, block_size, num_kv_heads, head_size], any strides; or amx pages
   int64_t k_stride_block, k_stride_token, k_stride_head, k_stride_dim;
-  const scalar_t* value_cache;  // [num_blocks, block_size, num_kv_heads, value_size], last dim contiguous
+  const scalar_t* value_cache;  // [num_blocks, block_size, num_kv_heads, value_size], last dim contiguous; or amx
   int64_t v_stride_block, v_stride_token, v_stride_head;
+  PagePacking packing;
   const int32_t* block_tables;  // [num_seqs, max_blocks]
   int64_t bt_stride, num_seqs, max_blocks, num_blocks;
   const int32_t* segments;      // [num_segments, 4] contiguous: seq, start, length, view_start

@@ -10,9 +10,10 @@ picks, by the query's device:
   (``ops/reference.py``), saying so once in the log.
 
 ``HOGWILD_ATTENTION_IMPL`` (``auto`` | ``reference`` | ``ext`` | ``triton``, read once per process) forces one.
-Every implementation reads any strided paged cache ``[num_blocks, block_size, Hkv, D]`` (vLLM's CPU page layout,
-where keys are stored dim-major inside a page, is such a view) and the same :class:`SegmentTable`. Pure torch:
-importing this package never needs vLLM.
+Every implementation reads any strided paged cache ``[num_blocks, block_size, Hkv, D]`` (vLLM's ``vec`` CPU
+packing, where keys are stored dim-major inside a page, is such a view) and the same :class:`SegmentTable`; the
+compiled CPU op and the reference also read vLLM's ``amx`` CPU packing (``packing="amx"``, see ``ops/layouts.py``).
+Pure torch: importing this package never needs vLLM.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import os
 
 import torch
 
+from hogwild_vllm.ops.layouts import amx_unpacked
 from hogwild_vllm.ops.reference import (
     DeltaRotation,
     DenseView,
@@ -35,6 +37,7 @@ from hogwild_vllm.ops.segments import SegmentTable
 
 IMPL_ENV = "HOGWILD_ATTENTION_IMPL"
 IMPLS = ("auto", "reference", "ext", "triton")
+PACKINGS = {"strided": 0, "amx": 1}  # cache packing -> the compiled op's `packing` argument
 logger = logging.getLogger("vllm.hogwild_vllm.ops")
 
 
@@ -81,19 +84,34 @@ def _impl_for(device_type: str) -> str:
 def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, table: SegmentTable, rope: DeltaRotation, scale: float,
                       out: torch.Tensor | None = None, return_lse: bool = False, impl: str | None = None,
-                      ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+                      packing: str = "strided") -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Attention of every query token over its view (see ``hogwild_attention_reference`` for the semantics).
 
-    query: [T, Hq, D]; key_cache: [num_blocks, block_size, Hkv, D]; value_cache: [num_blocks, block_size, Hkv, Dv];
-    block_tables: [num_seqs, max_blocks] int32; ``rope.cos_sin_table`` on the query's device. ``out`` [T, Hq, Dv]
-    (query dtype, last dim contiguous) is written in place when given. Returns out, and lse [T, Hq] fp32 with
-    ``return_lse``. The fast implementations trust the table (no host sync); the reference checks it.
-    ``impl`` (``reference`` | ``ext`` | ``triton``) overrides the choice of :func:`attention_impl` (tests, benchmarks).
+    query: [T, Hq, D]; block_tables: [num_seqs, max_blocks] int32; ``rope.cos_sin_table`` on the query's device.
+    The caches, by ``packing``:
+
+    * ``strided``: key_cache [num_blocks, block_size, Hkv, D] and value_cache [num_blocks, block_size, Hkv, Dv],
+      any strides (``layouts.cpu_page_views`` of vLLM's ``vec`` packing, ``layouts.flash_page_views``);
+    * ``amx``: vLLM's ``amx`` CPU packing (bf16 / fp16, block_size and D multiples of 32), key_cache and
+      value_cache the [num_blocks, Hkv, block_size, D] page halves of ``layouts.amx_pages``; CPU only (ext and
+      reference; Triton refuses it).
+
+    ``out`` [T, Hq, Dv] (query dtype, last dim contiguous) is written in place when given. Returns out, and lse
+    [T, Hq] fp32 with ``return_lse``. The fast implementations trust the table (no host sync); the reference checks
+    it. ``impl`` (``reference`` | ``ext`` | ``triton``) overrides the choice of :func:`attention_impl` (tests,
+    benchmarks).
     """
     impl = impl or attention_impl(query.device)
     if impl not in IMPLS[1:]:
         raise ValueError(f"impl={impl!r}: expected one of {', '.join(IMPLS[1:])}")
+    if packing not in PACKINGS:
+        raise ValueError(f"packing={packing!r}: expected one of {', '.join(PACKINGS)}")
+    if packing == "amx" and impl == "triton":
+        raise ValueError("packing='amx' is vLLM's CPU packing: the Triton kernel reads strided caches only "
+                         "(use impl='ext' on CPU, or strided [num_blocks, block_size, Hkv, D] caches)")
     if impl == "reference":
+        if packing == "amx":
+            key_cache, value_cache = amx_unpacked(key_cache, value_cache)  # [num_blocks, block_size, Hkv, D] each
         result = hogwild_attention_reference(query, key_cache, value_cache, block_tables, table, rope, scale, True)
         assert isinstance(result, tuple)
         if out is not None:
@@ -108,7 +126,7 @@ def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
 
         load_ops().hogwild_attention(out, query, key_cache, value_cache, block_tables, table.segments,
                                      table.view_offsets, table.query_view, table.query_pos, rope.cos_sin_table,
-                                     rope.rotary_dim, rope.is_neox_style, float(scale), lse)
+                                     rope.rotary_dim, rope.is_neox_style, float(scale), lse, PACKINGS[packing])
     else:
         from hogwild_vllm.ops.triton_attention import hogwild_attention_triton
 
@@ -118,6 +136,7 @@ def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
 
 __all__ = [
     "IMPL_ENV",
+    "PACKINGS",
     "DeltaRotation",
     "DenseView",
     "SegmentTable",

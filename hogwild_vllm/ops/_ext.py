@@ -69,8 +69,8 @@ def _register_fakes() -> None:
     def _hogwild_attention_fake(
         out: torch.Tensor,  # [T, Hq, Dv], written
         query: torch.Tensor,  # [T, Hq, D]
-        key_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-        value_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dv]
+        key_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]; packing 1: [num_blocks, Hkv, block_size, D]
+        value_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, Dv]; packing 1: [num_blocks, Hkv, block_size, D]
         block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
         segments: torch.Tensor,  # [S, 4] int32
         view_offsets: torch.Tensor,  # [V + 1] int32
@@ -81,9 +81,11 @@ def _register_fakes() -> None:
         is_neox: bool,
         scale: float,
         lse: torch.Tensor | None,  # [T, Hq] fp32, written
+        packing: int = 0,  # 0: strided views, 1: vLLM's amx pages
     ) -> None:
+        torch._check(packing in (0, 1), lambda: f"hogwild_attention: packing must be 0 or 1, got {packing}")
         torch._check(query.dim() == 3 and key_cache.dim() == 4, lambda: "hogwild_attention: query [T, Hq, D], "
-                     "key_cache [num_blocks, block_size, Hkv, D]")
+                     "key_cache [num_blocks, block_size, Hkv, D] (amx pages: [num_blocks, Hkv, block_size, D])")
         torch._check(out.shape == (*query.shape[:2], value_cache.shape[3]),
                      lambda: f"hogwild_attention: out must be [T, Hq, Dv], got {tuple(out.shape)}")
         return None
