@@ -7,10 +7,11 @@ A case: ``--workers`` (4) views, one query token each (decode), every view ``key
 equal segments. Each worker's own log is one block-table row of ``keys`` tokens; a view's last segment is the tail
 of its own row (delta 0, the query is its last key), the others come from the other rows at shuffled starts, so
 every segment but the last has a nonzero position delta. The bf16 cache is vLLM's CPU layout (``kv_cache
-[num_blocks, Hkv, block_size, 2 * D]``, block 128, shuffled block ids), written with vLLM's own
-``cpu_attn_reshape_and_cache``; the hogwild ops read it through the backend's strided ``[num_blocks, block_size,
-Hkv, D]`` views (``ops.layouts.cpu_page_views``: K dim-major inside a page, V row-major), checked against the
-written keys and values before timing.
+[num_blocks, Hkv, block_size, 2 * D]``, block 128, shuffled block ids) in the packing vLLM's backend picks on this
+machine (``amx`` on CPUs with AMX tiles, else ``vec``), written with vLLM's own ``cpu_attn_reshape_and_cache``; the
+hogwild ops read it as the plugin's backend does: ``vec`` through strided ``[num_blocks, block_size, Hkv, D]`` views
+(``ops.layouts.cpu_page_views``: K dim-major inside a page, V row-major), ``amx`` as pages with ``packing="amx"``
+(``ops.layouts.amx_pages``); the layout is checked against the written keys and values before timing.
 
 Columns: ``ext`` (``hogwild_attention(..., impl="ext")``, the compiled op; skipped with a note until it is built),
 ``reference`` (``impl="reference"``, pure torch, only up to --reference-max-keys: it is slow), ``vllm``
@@ -38,7 +39,7 @@ import torch
 from _report import describe, fmt, line_panels, machine_info, print_table, write_results
 
 from hogwild_vllm.ops import SegmentTable, hogwild_attention
-from hogwild_vllm.ops.layouts import cpu_page_views
+from hogwild_vllm.ops.layouts import amx_pages, amx_unpacked, cpu_page_views
 from hogwild_vllm.rope import DeltaRope, RopeSpec
 
 HERE = Path(__file__).resolve().parent
@@ -107,28 +108,35 @@ class PagedCase:
         nb = workers * per_row + 1
         self.kv = torch.zeros(nb, kv_heads, block_size, 2 * head_dim, dtype=torch.bfloat16)  # vLLM's per-layer cache
         self.key_cache, self.value_cache = self.kv.view(nb, kv_heads, 2 * block_size, head_dim).chunk(2, dim=2)
-        # [nb, bs, Hkv, D] views, as the HOGWILD backend takes them: K (token j, dim d) at d * bs + j inside its
-        # (block, head) page, V row-major after it.
-        self.key_view, self.value_view = cpu_page_views(self.kv)
-        self.block_tables = torch.randperm(nb, generator=gen)[: workers * per_row].view(workers, per_row).int()
+        self.packing = "amx" if self.isa() == "amx" else "strided"
+        if self.packing == "amx":
+            torch.cpu._init_amx()  # this process may use AMX tiles (vLLM's kernel needs them)
         pos = torch.arange(keys)
+        self.block_tables = torch.randperm(nb, generator=gen)[: workers * per_row].view(workers, per_row).int()
         slots = (self.block_tables.long()[:, pos // block_size] * block_size + pos % block_size).flatten()  # [W*K]
         key = torch.randn(workers * keys, kv_heads, head_dim, generator=gen).bfloat16()
         value = torch.randn(workers * keys, kv_heads, head_dim, generator=gen).bfloat16()
         ops.cpu_attn_reshape_and_cache(key, value, self.key_cache, self.value_cache, slots, self.isa(),
                                        k_scale=1.0, v_scale=1.0, kv_cache_dtype="auto")
-        probe = slots[:: max(1, slots.numel() // 97)]  # the strided views read back what vLLM wrote
+        if self.packing == "amx":  # pages [nb, Hkv, bs, D] in vLLM's AMX packing, read by packing="amx"
+            self.key_view, self.value_view = amx_pages(self.kv)
+            key_read, value_read = amx_unpacked(self.key_view, self.value_view)  # [nb, bs, Hkv, D] copies
+        else:  # [nb, bs, Hkv, D] views, as the HOGWILD backend takes them: K (token j, dim d) at d * bs + j inside
+            self.key_view, self.value_view = cpu_page_views(self.kv)  # its (block, head) page, V row-major after it
+            key_read, value_read = self.key_view, self.value_view
+        probe = slots[:: max(1, slots.numel() // 97)]  # the layout reads back what vLLM wrote
         index = torch.arange(0, slots.numel(), max(1, slots.numel() // 97))
-        if not (torch.equal(self.key_view[probe // block_size, probe % block_size], key[index])
-                and torch.equal(self.value_view[probe // block_size, probe % block_size], value[index])):
-            raise RuntimeError("vLLM's CPU cache layout is not the one this benchmark assumes (K dim-major pages)")
+        if not (torch.equal(key_read[probe // block_size, probe % block_size], key[index])
+                and torch.equal(value_read[probe // block_size, probe % block_size], value[index])):
+            raise RuntimeError(f"vLLM's CPU cache packing {self.isa()!r} is not the one this benchmark assumes")
         self.query = torch.randn(workers, q_heads, head_dim, generator=gen).bfloat16()
         self.scale = head_dim ** -0.5
         self.rope = DeltaRope(RopeSpec(head_size=head_dim, rotary_dim=head_dim, max_position=32768, base=1e5,
                                        is_neox_style=True))
 
     def isa(self) -> str:
-        """vLLM's CPU attention ISA for this cache (``vec`` on AVX2), as its backend picks it."""
+        """vLLM's CPU attention ISA for this cache (``amx`` on CPUs with AMX tiles, ``vec`` on AVX-512 / AVX2), as
+        its backend picks it."""
         try:
             from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
@@ -158,7 +166,7 @@ class PagedCase:
     def hogwild(self, table: SegmentTable, impl: str) -> torch.Tensor:
         """One call of ``hogwild_attention`` (``impl`` = ext | reference) over the strided cache views."""
         out = hogwild_attention(self.query, self.key_view, self.value_view, self.block_tables, table, self.rope,
-                                self.scale, impl=impl)
+                                self.scale, impl=impl, packing=self.packing)
         assert isinstance(out, torch.Tensor)
         return out
 
@@ -259,7 +267,7 @@ def main() -> int:
                     print(f"  {row['shape']} threads {threads} keys {keys} segments {segments}: ext {fmt(ext)} ms, "
                           f"reference {fmt(ref)} ms, vllm {fmt(vllm_ms)} ms", flush=True)
     header = [f"command: {shlex.join(['python', *sys.argv])}", f"machine: {describe(info)}",
-              f"bf16 cache, vLLM CPU layout, block {args.block_size}, isa {case.isa()}; {args.workers} views, one "
+              f"bf16 cache, vLLM CPU layout, block {args.block_size}, packing {case.isa()}; {args.workers} views, one "
               f"decode query each; times: medians of >= 3 calls, >= {args.min_time} s or {args.max_repeats} calls, "
               "after 2 warm-up calls; ext and vllm interleaved",
               "ext: " + (f"skipped ({missing})" if missing else "hogwild_attention(impl='ext')"),

@@ -346,15 +346,16 @@ def register_runner_hook() -> None:
 
 # --- vLLM's CPU attention, reused for plain rows (attention/backend.py) ----------------------------------------
 
-# vLLM's CPU page packings our position-delta op can read: keys dim-major inside a page ([D, block_size]),
-# values row-major ([block_size, D]). "amx" (bf16 on AMX CPUs) packs keys for tile loads: engines with the plugin on
-# use "vec" there instead, which every x86 build of vLLM has.
-READABLE_CPU_ISAS = ("vec", "vec16")
+# vLLM's CPU page packings our position-delta op can read: "vec" / "vec16" (keys dim-major inside a page, values
+# row-major; read through strided views) and "amx" (bf16 on AMX CPUs: keys and values packed for tile loads; read by
+# the op's packing="amx" path). PACKING_ENV=vec pins "vec" where vLLM would pick "amx" (comparisons, benchmarks).
+READABLE_CPU_ISAS = ("vec", "vec16", "amx")
+PACKING_ENV = "HOGWILD_CPU_PACKING"
 
 
 class CpuAttention:
     """Touch points on ``vllm.v1.attention.backends.cpu_attn`` (vLLM 0.32): its backend, builder and impl classes
-    and the ISA the builder picks (the page packing is read by ``ops.layouts.cpu_page_views``)."""
+    and the ISA (page packing) the builder picks, which the layers write and the op reads."""
 
     def __init__(self) -> None:
         from vllm.v1.attention.backends import cpu_attn
@@ -363,12 +364,15 @@ class CpuAttention:
         self.backend = cpu_attn.CPUAttentionBackend
 
     def make_builder(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> Any:
-        """vLLM's CPU metadata builder for these layers; sets ``layer.isa`` on them to a packing we can read."""
+        """vLLM's CPU metadata builder for these layers (``builder.isa``: the packing they write and read)."""
         builder = self.module.CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
-        if builder.isa == "amx":
+        pinned = os.environ.get(PACKING_ENV, "auto").strip().lower() or "auto"
+        if pinned not in ("auto", "vec"):
+            raise ValueError(f"{PACKING_ENV}={pinned!r}: expected 'auto' or 'vec'")
+        if builder.isa == "amx" and pinned == "vec":
             builder.isa = "vec"
             builder._set_isa_to_layers(layer_names)
-            _log_once("isa", "hogwild: CPU attention uses the 'vec' cache packing instead of 'amx' (groups read it)")
+            _log_once("isa", f"hogwild: CPU attention uses the 'vec' cache packing instead of 'amx' ({PACKING_ENV})")
         if builder.isa not in READABLE_CPU_ISAS:
             raise NotImplementedError(
                 f"hogwild: vLLM's CPU attention picked the {builder.isa!r} cache packing on this machine; the "
