@@ -138,6 +138,21 @@ def test_op_matches_dense_oracle_other_head_sizes(head_size: int, block_size: in
     torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("num_workers", [1, 2, 3, 4, 5, 8])
+def test_op_on_several_threads(num_workers: int, threads: int, rng: random.Random) -> None:
+    """Work items spread over threads (tokens cut into chunks of sizes that differ by at most one, times the KV
+    heads): every token is computed once, whatever the cut."""
+    rope = make_rope("double", "neox", 64)
+    assert isinstance(rope, TestRope)
+    sc = build_scenario(num_workers, 16, NUM_KV_HEADS * 3, torch.bfloat16, rope, rng)
+    torch.set_num_threads(threads)  # the module's one_thread fixture puts the count back
+    out, lse = run_op(sc, rope, 0.125)
+    want_out, want_lse = oracle(sc, rope, 0.125)
+    torch.testing.assert_close(out.float(), want_out, **OUT_TOLERANCES[torch.bfloat16])
+    torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
+
+
 @pytest.mark.parametrize("rope_style", list(ROPE_STYLES))
 def test_hand_made_views_negative_deltas_and_empty_views(rope_style: str, rng: random.Random) -> None:
     """Segments that start and end mid-block, a peer's tokens at view positions far below their natural ones

@@ -668,8 +668,10 @@ template <bool kAmx, typename scalar_t>
 void launch(const HogwildAttentionParams<scalar_t>& p) {
   const int64_t group = p.num_heads / p.num_kv_heads;
   // Tokens per item: up to kTokensPerItem (keys shared by more tokens are loaded fewer times), but small enough
-  // that every thread gets several items of the same size (a decode step of 8 tokens over 3 KV heads is 3 items
-  // of 8 tokens, two of them on one of two threads; in items of 4 tokens it is 6, three a thread).
+  // that every thread gets several items (a decode step of 8 tokens over 3 KV heads is 3 items of 8 tokens, two
+  // of them on one of two threads; in items of 4 tokens it is 6, three a thread). The tokens are then spread
+  // evenly over the chunks (sizes differ by at most one: 4 tokens in 2 chunks are 2 + 2, not 3 + 1, which left one
+  // of two threads a quarter of the work).
   const int64_t threads = std::max<int64_t>(1, at::get_num_threads());
   const int64_t wanted_items = 3 * threads;
   const int64_t per_item = std::clamp<int64_t>((p.num_tokens * p.num_kv_heads + wanted_items - 1) / wanted_items, 1,
@@ -679,8 +681,9 @@ void launch(const HogwildAttentionParams<scalar_t>& p) {
   at::parallel_for(0, chunks * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
     Scratch w(kTokensPerItem * group, p.head_size, p.value_size);
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t first = (item / p.num_kv_heads) * per_item;
-      const int64_t last = std::min(p.num_tokens, first + per_item);
+      const int64_t chunk = item / p.num_kv_heads;
+      const int64_t first = chunk * p.num_tokens / chunks;
+      const int64_t last = (chunk + 1) * p.num_tokens / chunks;
       if (!attend_item<kAmx>(p, first, last, item % p.num_kv_heads, w)) ok.store(false);
     }
   });
