@@ -227,6 +227,7 @@ def apply_hogwild_config(vllm_config: Any) -> None:
         _log_once("async", "hogwild: async scheduling switched off (groups need synchronous scheduling)")
     _check_scheduler_cls(scheduler_config)
     _force_v1_runner()
+    pinned_cpu_packing()  # a bad value fails here, at startup, not in the worker
 
 
 _FRONTEND: dict[str, Any] = {"on": False, "config": None}
@@ -353,6 +354,15 @@ READABLE_CPU_ISAS = ("vec", "vec16", "amx")
 PACKING_ENV = "HOGWILD_CPU_PACKING"
 
 
+def pinned_cpu_packing() -> str:
+    """``HOGWILD_CPU_PACKING``: ``auto`` (vLLM's choice; unset or empty) or ``vec``; anything else is refused."""
+    value = os.environ.get(PACKING_ENV, "").strip().lower() or "auto"
+    if value not in ("auto", "vec"):
+        raise ValueError(f"hogwild: {PACKING_ENV}={value!r} is not supported: expected 'auto' (vLLM's packing) or "
+                         "'vec'")
+    return value
+
+
 class CpuAttention:
     """Touch points on ``vllm.v1.attention.backends.cpu_attn`` (vLLM 0.32): its backend, builder and impl classes
     and the ISA (page packing) the builder picks, which the layers write and the op reads."""
@@ -366,10 +376,7 @@ class CpuAttention:
     def make_builder(self, kv_cache_spec: Any, layer_names: list[str], vllm_config: Any, device: Any) -> Any:
         """vLLM's CPU metadata builder for these layers (``builder.isa``: the packing they write and read)."""
         builder = self.module.CPUAttentionMetadataBuilder(kv_cache_spec, layer_names, vllm_config, device)
-        pinned = os.environ.get(PACKING_ENV, "auto").strip().lower() or "auto"
-        if pinned not in ("auto", "vec"):
-            raise ValueError(f"{PACKING_ENV}={pinned!r}: expected 'auto' or 'vec'")
-        if builder.isa == "amx" and pinned == "vec":
+        if builder.isa == "amx" and pinned_cpu_packing() == "vec":
             builder.isa = "vec"
             builder._set_isa_to_layers(layer_names)
             _log_once("isa", f"hogwild: CPU attention uses the 'vec' cache packing instead of 'amx' ({PACKING_ENV})")

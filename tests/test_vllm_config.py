@@ -90,6 +90,14 @@ def test_v2_runner_refused_when_user_sets_it(tiny, monkeypatch):
     assert make_config(tiny).use_v2_model_runner is False
 
 
+def test_bad_cpu_packing_refused_at_startup(tiny, monkeypatch):
+    monkeypatch.setenv(compat.PACKING_ENV, "amx16")
+    with pytest.raises(ValueError, match="HOGWILD_CPU_PACKING='amx16' is not supported"):
+        make_config(tiny)
+    monkeypatch.setenv(compat.PACKING_ENV, "vec")
+    assert make_config(tiny).additional_config == {"hogwild": {}}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "names"),
     [
