@@ -237,15 +237,25 @@ struct Scratch {
   }
 };
 
+// Score accumulators of kBlock heads x kVectors vectors of keys, zeroed; store() writes them to the heads' rows of
+// `scores` (kRun vectors a row). Shared by the score loops of both packings.
+template <int kBlock, int kVectors>
+struct ScoreAcc {
+  vfloat acc[kBlock][kVectors] = {};
+  void store(vfloat* scores, int64_t g0) const {
+    for (int b = 0; b < kBlock; ++b) {
+      for (int v = 0; v < kVectors; ++v) scores[kRun * (g0 + b) + v] = acc[b][v];
+    }
+  }
+};
+
 // Dim-major page (vLLM's CPU layout), block_size % kLanes == 0: scores of the run of kVectors vectors of page
 // tokens from j0 (vector-aligned) for heads g0 .. g0 + kBlock - 1. Each key vector is loaded once for all heads.
 template <int kBlock, int kVectors, typename scalar_t>
 inline void score_run_dim_major(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0,
                                 const float* q_rot, int64_t g0, vfloat* scores) {
-  vfloat acc[kBlock][kVectors];
-  for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kVectors; ++v) acc[b][v] = vfloat{};
-  }
+  ScoreAcc<kBlock, kVectors> a;
+  auto& acc = a.acc;
   const int64_t d_size = p.head_size;
   for (int64_t d = 0; d < d_size; ++d) {
     const scalar_t* col = page + d * p.k_stride_dim + j0;
@@ -256,9 +266,7 @@ inline void score_run_dim_major(const HogwildAttentionParams<scalar_t>& p, const
       for (int b = 0; b < kBlock; ++b) acc[b][v] += qd[b] * k;
     }
   }
-  for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kVectors; ++v) scores[kRun * (g0 + b) + v] = acc[b][v];
-  }
+  a.store(scores, g0);
 }
 
 // Amx key page (groups of 16 tokens; in a group, one row of 16 lanes per dim pair, lane i = token i's two dims):
@@ -267,10 +275,8 @@ inline void score_run_dim_major(const HogwildAttentionParams<scalar_t>& p, const
 template <int kBlock, int kVectors, typename scalar_t>
 inline void score_run_amx(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, int64_t j0,
                           const float* q_rot, int64_t g0, vfloat* scores) {
-  vfloat acc[kBlock][kVectors];
-  for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kVectors; ++v) acc[b][v] = vfloat{};
-  }
+  ScoreAcc<kBlock, kVectors> a;
+  auto& acc = a.acc;
   const int64_t d_size = p.head_size;
   const scalar_t* lanes[kVectors];  // vector v's lanes in the row of dims 0 and 1
   for (int v = 0; v < kVectors; ++v) {
@@ -292,9 +298,7 @@ inline void score_run_amx(const HogwildAttentionParams<scalar_t>& p, const scala
       }
     }
   }
-  for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kVectors; ++v) scores[kRun * (g0 + b) + v] = acc[b][v];
-  }
+  a.store(scores, g0);
 }
 
 template <int kBlock, int kVectors, bool kAmx, typename scalar_t>
