@@ -357,6 +357,25 @@ void score_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* page, 
   }
 }
 
+// Value sums of kBlock rows x kVecs vectors of dims (rows g0 .., dims d0 ..), loaded from and stored back to the
+// rows of `acc` (dv floats a row). Shared by the value loops of both packings.
+template <int kBlock, int kVecs>
+struct ValueAcc {
+  vfloat a[kBlock][kVecs];
+  float* acc;
+  int64_t dv, g0, d0;
+  ValueAcc(float* acc_, int64_t dv_, int64_t g0_, int64_t d0_) : acc(acc_), dv(dv_), g0(g0_), d0(d0_) {
+    for (int b = 0; b < kBlock; ++b) {
+      for (int v = 0; v < kVecs; ++v) a[b][v] = load_lanes(acc + (g0 + b) * dv + d0 + v * kLanes);
+    }
+  }
+  void store() const {
+    for (int b = 0; b < kBlock; ++b) {
+      for (int v = 0; v < kVecs; ++v) std::memcpy(acc + (g0 + b) * dv + d0 + v * kLanes, &a[b][v], sizeof(vfloat));
+    }
+  }
+};
+
 // For the heads g0 .. g0 + kBlock - 1: acc[g][d0 .. d0 + kVecs * kLanes) += sum over lanes j in lo .. hi - 1 of
 // p[g][j] * value of page token j0 + j. Each value vector is loaded once for all heads of the block, and the
 // accumulators stay in registers over the run (kBlock and kVecs are constants so that they can).
@@ -364,10 +383,8 @@ template <int kBlock, int kVecs, typename scalar_t>
 inline void accumulate_values(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0,
                               int64_t lo, int64_t hi, const vfloat* probs, float* acc, int64_t g0, int64_t d0) {
   const int64_t dv = p.value_size;
-  vfloat a[kBlock][kVecs];
-  for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kVecs; ++v) a[b][v] = load_lanes(acc + (g0 + b) * dv + d0 + v * kLanes);
-  }
+  ValueAcc<kBlock, kVecs> sums(acc, dv, g0, d0);
+  auto& a = sums.a;
   for (int64_t j = lo; j < hi; ++j) {
     const scalar_t* value = vpage + (j0 + j) * p.v_stride_token + d0;
     vfloat val[kVecs];
@@ -377,9 +394,7 @@ inline void accumulate_values(const HogwildAttentionParams<scalar_t>& p, const s
       for (int v = 0; v < kVecs; ++v) a[b][v] += weight * val[v];
     }
   }
-  for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kVecs; ++v) std::memcpy(acc + (g0 + b) * dv + d0 + v * kLanes, &a[b][v], sizeof(vfloat));
-  }
+  sums.store();
 }
 
 // Amx value page (groups of 16 dims; in a group, one row of 16 lanes per token pair, lane i = dim i of both
@@ -390,10 +405,8 @@ template <int kBlock, int kVecs, typename scalar_t>
 inline void accumulate_values_amx(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0,
                                   int64_t lo, int64_t hi, const vfloat* probs, float* acc, int64_t g0, int64_t d0) {
   const int64_t dv = p.value_size;
-  vfloat a[kBlock][kVecs];
-  for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kVecs; ++v) a[b][v] = load_lanes(acc + (g0 + b) * dv + d0 + v * kLanes);
-  }
+  ValueAcc<kBlock, kVecs> sums(acc, dv, g0, d0);
+  auto& a = sums.a;
   const scalar_t* lanes[kVecs];  // vector v's lanes in the row of tokens 0 and 1
   for (int v = 0; v < kVecs; ++v) {
     const int64_t d = d0 + v * kLanes;
@@ -427,9 +440,7 @@ inline void accumulate_values_amx(const HogwildAttentionParams<scalar_t>& p, con
       for (int b = 0; b < kBlock; ++b) a[b][v] += splat(weight[b][j]) * val;
     }
   }
-  for (int b = 0; b < kBlock; ++b) {
-    for (int v = 0; v < kVecs; ++v) std::memcpy(acc + (g0 + b) * dv + d0 + v * kLanes, &a[b][v], sizeof(vfloat));
-  }
+  sums.store();
 }
 
 template <int kBlock, int kVecs, bool kAmx, typename scalar_t>
