@@ -34,6 +34,11 @@ void hogwild_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::T
                            const at::Tensor& cos_sin_table, int64_t rotary_dim, bool is_neox, double scale,
                            const std::optional<at::Tensor>& lse, int64_t packing);
 
+// hogwild_C::cpu_amx_tiles() -> bool
+// Whether hogwild_attention multiplies bf16 amx pages with AMX tiles in this process (the build has the tile code,
+// the CPU has AMX-BF16, the kernel granted the tile state, HOGWILD_CPU_AMX_TILES is not "0"); else fp32 vectors.
+bool hogwild_cpu_amx_tiles();
+
 #if defined(HOGWILD_WITH_CUDA)
 void rotate_by_delta_cuda(at::Tensor& x, const at::Tensor& delta, const at::Tensor& cos_sin_table, int64_t rotary_dim,
                           bool is_neox);

@@ -25,6 +25,9 @@ TORCH_LIBRARY(hogwild_C, m) {
       "hogwild_attention(Tensor(a!) out, Tensor query, Tensor key_cache, Tensor value_cache, Tensor block_tables, "
       "Tensor segments, Tensor view_offsets, Tensor query_view, Tensor query_pos, Tensor cos_sin_table, "
       "int rotary_dim, bool is_neox, float scale, Tensor(b!)? lse, int packing=0) -> ()");
+  // Whether the CPU op multiplies bf16 amx pages with AMX tiles in this process (see ops.h). No tensor argument,
+  // so one kernel for every dispatch key.
+  m.def("cpu_amx_tiles() -> bool", &hogwild_cpu_amx_tiles);
 }
 
 TORCH_LIBRARY_IMPL(hogwild_C, CPU, m) {

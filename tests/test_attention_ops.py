@@ -4,9 +4,11 @@ Grids as the reference tests (tests/attention_cases.py): head sizes 64 / 128 (an
 tails), GQA 1 / 3 / 4 / 5, block sizes
 16 / 32 / 128, 1-8 workers, fp32 / bf16 / fp16, neox / gptj / partial rotary, in a garbage-filled cache with
 shuffled block tables, segments starting and ending mid-block, empty segments and negative deltas. Each case runs
-on three cache packings: dim-contiguous pages and vLLM's ``vec`` CPU packing (keys dim-major inside a page), both as
+on four cache packings: dim-contiguous pages and vLLM's ``vec`` CPU packing (keys dim-major inside a page), both as
 strided views of one buffer, and vLLM's ``amx`` CPU packing (``packing="amx"``: 16-bit pairs in 32-bit lanes), on
-the cases it applies to (bf16 / fp16, block and head sizes multiples of 32; the grids list only those). Needs the
+the cases it applies to (bf16 / fp16, block and head sizes multiples of 32; the grids list only those), twice: as
+the op runs it on this CPU (AMX tiles for bf16 where the CPU has them: queries and weights rounded to bf16, with
+tolerances bounded from that rounding) and with the tiles switched off (``vllm-amx-vectors``: fp32 vectors). Needs the
 compiled extension: a missing build fails (with how to build it), it is not skipped. Pure torch (no vLLM; the amx
 packer is checked against vLLM's own in tests/test_layouts.py). The GPU path is the Triton kernel, tested on the
 same cases in tests/test_triton_attention.py.
@@ -14,8 +16,12 @@ same cases in tests/test_triton_attention.py.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import math
+import os
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -33,7 +39,7 @@ from attention_cases import (
     table_from_views,
 )
 
-from hogwild_vllm.ops import SegmentTable, hogwild_attention, hogwild_attention_reference
+from hogwild_vllm.ops import AMX_TILES_ENV, SegmentTable, cpu_amx_tiles, hogwild_attention, hogwild_attention_reference
 from hogwild_vllm.ops._ext import load_ops
 from hogwild_vllm.ops.layouts import AMX_ALIGN, amx_pack_, amx_pages, cpu_page_views
 
@@ -42,8 +48,10 @@ IMPL = "ext"
 HEAD_SIZES = [64, 128]
 GQA_RATIOS = [1, 3, 4, 5]
 NUM_WORKERS = [1, 2, 3, 5, 8]
-PACKINGS = ["contiguous", "vllm-cpu", "vllm-amx"]
-OP_PACKING = {"contiguous": "strided", "vllm-cpu": "strided", "vllm-amx": "amx"}  # -> hogwild_attention(packing=)
+# vllm-amx: as the op runs on this CPU (AMX tiles for bf16 where it has them); vllm-amx-vectors: tiles switched off
+PACKINGS = ["contiguous", "vllm-cpu", "vllm-amx", "vllm-amx-vectors"]
+OP_PACKING = {"contiguous": "strided", "vllm-cpu": "strided", "vllm-amx": "amx",  # -> hogwild_attention(packing=)
+              "vllm-amx-vectors": "amx"}
 AMX_DTYPES = (torch.bfloat16, torch.float16)
 CASES = [("neox", torch.float32), ("gptj", torch.bfloat16), ("neox-partial", torch.bfloat16),
          ("gptj-partial", torch.float32), ("neox", torch.float16)]
@@ -56,13 +64,43 @@ OUT_TOLERANCES: dict[torch.dtype, Tolerance] = {
 }
 LSE_TOLERANCE: Tolerance = {"atol": 2e-5, "rtol": 2e-5}
 
+
+def on_amx_tiles(dtype: torch.dtype, packing: str) -> bool:
+    """Whether the op multiplies this case with AMX tiles (bf16 amx pages, tiles on in this process)."""
+    return packing == "vllm-amx" and dtype == torch.bfloat16 and cpu_amx_tiles()
+
+
+def tile_tolerances(sc: Scenario, scale: float) -> tuple[Tolerance, Tolerance]:
+    """(out, lse) tolerances of the AMX tile path against the fp32 oracle, bounded from its two roundings:
+    * each rotated, scaled query is rounded to bf16 (relative 2**-9 a dim), so a score moves by at most
+      2**-9 * scale * |q| * |k| (Cauchy-Schwarz; the rotation keeps norms): lse by at most that much;
+    * the weights move relatively by at most exp(2 * that) - 1 and are rounded to bf16 for the value product
+      (relative 2**-9; 2**-8 with the fp32 sums' order): the output by at most their sum times max |v|,
+      on top of the output's own bf16 rounding (relative 2**-8, the rtol of every bf16 case)."""
+    q_norm = float(sc.query.float().norm(dim=-1).max())
+    k_norm = float(sc.key_cache.float().nan_to_num().norm(dim=-1).max())
+    v_max = float(sc.value_cache.float().nan_to_num().abs().max())
+    score = 2**-9 * scale * q_norm * k_norm
+    out_atol = (math.expm1(2 * score) + 2**-8) * v_max
+    return ({"atol": out_atol + 2e-5, "rtol": 2**-7}, {"atol": score + 2e-5, "rtol": 2e-5})
+
+
+def assert_matches_oracle(out: torch.Tensor, lse: torch.Tensor, sc: Scenario, rope: TestRope, scale: float,
+                          packing: str) -> None:
+    dtype = sc.query.dtype
+    want_out, want_lse = oracle(sc, rope, scale)
+    out_tol, lse_tol = tile_tolerances(sc, scale) if on_amx_tiles(dtype, packing) else (OUT_TOLERANCES[dtype],
+                                                                                         LSE_TOLERANCE)
+    torch.testing.assert_close(out.float(), want_out, **out_tol)
+    torch.testing.assert_close(lse, want_lse, **lse_tol)
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def packing_applies(packing: str, dtype: torch.dtype, block_size: int, head_size: int) -> bool:
     """Every packing but amx holds any case; amx pages hold 16-bit caches with block and head sizes % 32 == 0."""
-    return packing != "vllm-amx" or (dtype in AMX_DTYPES and block_size % AMX_ALIGN == 0
-                                     and head_size % AMX_ALIGN == 0)
+    return not packing.startswith("vllm-amx") or (dtype in AMX_DTYPES and block_size % AMX_ALIGN == 0
+                                                  and head_size % AMX_ALIGN == 0)
 
 
 def case_id(case: object) -> str:
@@ -79,7 +117,7 @@ def repack(sc: Scenario, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
     [num_blocks, block_size, Hkv, D] views of it, or (vllm-amx) its amx pages [num_blocks, Hkv, block_size, D]."""
     num_blocks, block_size, num_kv_heads, head_size = sc.key_cache.shape
     buffer = torch.randn(num_blocks, num_kv_heads, block_size, 2 * head_size).to(sc.key_cache.dtype).to(DEVICE)
-    if packing == "vllm-amx":
+    if packing.startswith("vllm-amx"):
         key_pages, value_pages = amx_pages(buffer)
         amx_pack_(key_pages, value_pages, sc.key_cache.to(DEVICE), sc.value_cache.to(DEVICE))
         return key_pages, value_pages
@@ -93,11 +131,28 @@ def repack(sc: Scenario, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
     return key, value
 
 
+@contextlib.contextmanager
+def amx_tiles_off(off: bool) -> Iterator[None]:
+    """HOGWILD_CPU_AMX_TILES=0 inside (the op reads it every call), put back after."""
+    before = os.environ.get(AMX_TILES_ENV)
+    if off:
+        os.environ[AMX_TILES_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(AMX_TILES_ENV, None)
+        else:
+            os.environ[AMX_TILES_ENV] = before
+
+
 def run_op(sc: Scenario, rope: TestRope, scale: float, packing: str = "contiguous",
            ) -> tuple[torch.Tensor, torch.Tensor]:
     key, value = repack(sc, packing)
-    out, lse = hogwild_attention(sc.query.to(DEVICE), key, value, sc.block_tables.to(DEVICE), sc.table.to(DEVICE),
-                                 rope.to(DEVICE), scale, return_lse=True, impl=IMPL, packing=OP_PACKING[packing])
+    with amx_tiles_off(packing == "vllm-amx-vectors"):
+        out, lse = hogwild_attention(sc.query.to(DEVICE), key, value, sc.block_tables.to(DEVICE),
+                                     sc.table.to(DEVICE), rope.to(DEVICE), scale, return_lse=True, impl=IMPL,
+                                     packing=OP_PACKING[packing])
     return out.cpu(), lse.cpu()
 
 
@@ -111,10 +166,8 @@ def test_op_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int
     sc = build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, rng)
     scale = head_size**-0.5
     out, lse = run_op(sc, rope, scale, packing)
-    want_out, want_lse = oracle(sc, rope, scale)
     assert out.dtype == dtype and out.shape == sc.query.shape and lse.dtype == torch.float32
-    torch.testing.assert_close(out.float(), want_out, **OUT_TOLERANCES[dtype])
-    torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
+    assert_matches_oracle(out, lse, sc, rope, scale, packing)
 
 
 # Value sizes that are not a whole number of the op's two-vector value chunks (16 fp32 lanes with AVX-512, 8 with
@@ -133,9 +186,43 @@ def test_op_matches_dense_oracle_other_head_sizes(head_size: int, block_size: in
     sc = build_scenario(3, block_size, NUM_KV_HEADS * 3, dtype, rope, rng)
     scale = head_size**-0.5
     out, lse = run_op(sc, rope, scale, packing)
-    want_out, want_lse = oracle(sc, rope, scale)
-    torch.testing.assert_close(out.float(), want_out, **OUT_TOLERANCES[dtype])
+    assert_matches_oracle(out, lse, sc, rope, scale, packing)
+
+
+class IdentityRope(TestRope):
+    """A rotation by angle 0 for every delta (cos 1, sin 0): queries reach the tiles unchanged."""
+
+    def __init__(self, head_size: int) -> None:
+        super().__init__(head_size, head_size, True)
+        self.inv_freq = torch.zeros_like(self.inv_freq)
+        self.cos_sin_table = torch.cat([torch.ones_like(self.cos_sin_table[:, : head_size // 2]),
+                                        torch.zeros_like(self.cos_sin_table[:, : head_size // 2])], dim=-1)
+
+    def to(self, device: torch.device | str) -> IdentityRope:
+        return self
+
+
+# The AMX tile path on bf16 queries that need no rounding: with no rotation and a power-of-two scale the rotated,
+# scaled query is the bf16 query times 2**-3, exact in bf16, and bf16 x bf16 products are exact in fp32, so the
+# scores (and lse) equal the oracle's to fp32 summation order: what is left is the weights' bf16 rounding in the
+# value product (relative 2**-9 of each weight: at most 2**-9 max |v| on the output; 2**-8 with the sums' order).
+# Row counts cross 16-row tiles (GQA 5 x up to 16 tokens), segments start and end mid-page and mid-pair; head sizes
+# 32-128 keep their query chunks in tiles over a run, 256 loads them again for every key group.
+AMX_TILE_GRID = (list(itertools.product(HEAD_SIZES, GQA_RATIOS, [32, 128], [1, 3, 8]))
+                 + [(head_size, 4, 128, 3) for head_size in (32, 96, 256)])
+
+
+@pytest.mark.skipif(not cpu_amx_tiles(), reason="needs a CPU with AMX-BF16 tiles (the vector path is tested above)")
+@pytest.mark.parametrize(("head_size", "gqa_ratio", "block_size", "num_workers"), AMX_TILE_GRID, ids=case_id)
+def test_amx_tiles_score_exactly_without_rounding(head_size: int, gqa_ratio: int, block_size: int, num_workers: int,
+                                                   rng: random.Random) -> None:
+    rope = IdentityRope(head_size)
+    sc = build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, torch.bfloat16, rope, rng)
+    out, lse = run_op(sc, rope, 0.125, "vllm-amx")
+    want_out, want_lse = oracle(sc, rope, 0.125)
+    v_max = float(sc.value_cache.float().abs().max())
     torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
+    torch.testing.assert_close(out.float(), want_out, atol=2**-8 * v_max, rtol=2**-7)
 
 
 @pytest.mark.parametrize("threads", [2, 3])
@@ -285,10 +372,8 @@ def test_runs_ending_mid_pair_never_read_unwritten_slots(packing: str, dtype: to
     sc = Scenario(torch.randn(table.num_tokens, NUM_KV_HEADS * 3, head_size).to(dtype), torch.empty(0),
                   key_cache.view(paged), value_cache.view(paged), block_tables, table, [], [], [])
     out, lse = run_op(sc, rope, 0.125, packing)
-    want_out, want_lse = oracle(sc, rope, 0.125)
     assert bool(out.isfinite().all()) and bool(lse.isfinite().all())
-    torch.testing.assert_close(out.float(), want_out, **OUT_TOLERANCES[dtype])
-    torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
+    assert_matches_oracle(out, lse, sc, rope, 0.125, packing)
 
 
 def test_amx_reference_reads_the_pages(rng: random.Random) -> None:

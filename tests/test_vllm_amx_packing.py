@@ -1,9 +1,12 @@
 """bf16 on CPUs with AMX tiles: vLLM packs the cache for its AMX kernel, and with the plugin on it keeps that
 packing: plain requests run vLLM's AMX kernel exactly as with the plugin off (bitwise prompt logprobs and tokens,
 chunked prompts and several prompts in a batch), and groups read the same cache through the position-delta op's
-``packing="amx"`` path, whose results equal those of the ``vec`` packing (``HOGWILD_CPU_PACKING=vec``), alone and
-beside a plain request. The op's packing itself is tested against the fp32 oracle in tests/test_attention_ops.py
-on every machine; this file needs AMX tiles, which vLLM requires for the ``amx`` packing."""
+``packing="amx"`` path. With the op's AMX tiles switched off (``HOGWILD_CPU_AMX_TILES=0``) a group's results equal
+those of the ``vec`` packing (``HOGWILD_CPU_PACKING=vec``): the same sums in the same order, alone and beside a plain
+request. With the tiles on (the default) the queries and weights are rounded to bf16 for the tile products, so a
+group's tokens may differ from the fp32-vector path's; there the engine must use the tiles, and a group's result
+must not depend on what shares its steps. The op's packing and tiles themselves are tested against the fp32 oracle
+in tests/test_attention_ops.py; this file needs AMX tiles, which vLLM requires for the ``amx`` packing."""
 
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ def engine_runs() -> dict[str, dict]:
 
     model = str(build_tiny_model("qwen2"))
     runs = {}
-    for mode in ("off", "on", "on-vec"):  # one at a time: three engines at once starve a 2-core machine
+    for mode in ("off", "on", "on-vectors", "on-vec"):  # one at a time: engines at once starve a 2-core machine
         runs[mode] = Script("amx_packing.py", model, mode).result()
     return runs
 
@@ -38,29 +41,43 @@ def _comparable(group: dict[str, Any]) -> dict[str, Any]:
 @needs_amx
 @pytest.mark.engine
 def test_the_plugin_keeps_vllms_amx_packing(engine_runs: dict[str, dict]) -> None:
-    assert engine_runs["on"]["packing"] == ["amx"]
+    assert engine_runs["on"]["packing"] == engine_runs["on-vectors"]["packing"] == ["amx"]
     assert engine_runs["on-vec"]["packing"] == ["vec"]
+    assert engine_runs["on"]["tiles"] == [True] and engine_runs["on-vectors"]["tiles"] == [False]
 
 
 @needs_amx
 @pytest.mark.engine
 def test_plain_requests_bitwise_the_plugin_off_engine(engine_runs: dict[str, dict]) -> None:
-    on, off = engine_runs["on"], engine_runs["off"]
-    assert [len(lp) for lp in on["logprobs"]] == [512, 160, 96]
-    assert on["logprobs"] == off["logprobs"]
-    assert on["tokens"] == off["tokens"]
+    off = engine_runs["off"]
+    for mode in ("on", "on-vectors"):
+        on = engine_runs[mode]
+        assert [len(lp) for lp in on["logprobs"]] == [512, 160, 96]
+        assert on["logprobs"] == off["logprobs"]
+        assert on["tokens"] == off["tokens"]
 
 
 @needs_amx
 @pytest.mark.engine
 def test_groups_read_the_amx_packing_as_the_vec_one(engine_runs: dict[str, dict]) -> None:
-    amx, vec = engine_runs["on"], engine_runs["on-vec"]
+    amx, vec = engine_runs["on-vectors"], engine_runs["on-vec"]
     group = amx["group"]
     assert "error" not in group and group["usage"]["prompt_tokens"] == 160
     assert min(group["usage"]["generated_tokens"]) > 0
     assert _comparable(group) == _comparable(vec["group"])
     assert _comparable(amx["mixed_group"]) == _comparable(group)  # beside a plain request, in the same steps
     assert amx["mixed_plain"] == amx["tokens"][2]
+
+
+@needs_amx
+@pytest.mark.engine
+def test_groups_on_amx_tiles_do_not_depend_on_their_batch(engine_runs: dict[str, dict]) -> None:
+    tiles = engine_runs["on"]
+    group = tiles["group"]
+    assert "error" not in group and group["usage"]["prompt_tokens"] == 160
+    assert min(group["usage"]["generated_tokens"]) > 0
+    assert _comparable(tiles["mixed_group"]) == _comparable(group)  # beside a plain request, in the same steps
+    assert tiles["mixed_plain"] == tiles["tokens"][2]
 
 
 def test_touching_runs_are_one_slice() -> None:

@@ -22,8 +22,17 @@
 #include <atomic>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <optional>
+#include <type_traits>
 #include <vector>
+#if defined(__AVX512F__) && defined(__x86_64__) && defined(__linux__) && defined(__GNUC__) && __GNUC__ >= 11
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define HOGWILD_AMX_TILES 1  // AMX tile code is compiled (target attribute) and chosen at run time
+#endif
 
 #include "../device/hogwild_attention.cuh"
 #include "../device/rotate_by_delta.cuh"
@@ -203,6 +212,10 @@ inline float lane_sum(vfloat v) {
 #endif
 }
 
+constexpr int64_t kTileRows = 16;   // rows of one AMX tile, and fp32 columns of a result tile
+constexpr int64_t kTileDepth = 32;  // bf16 elements along the dot product in one tile row (64 bytes)
+inline int64_t tile_rows(int64_t rows) { return (rows + kTileRows - 1) / kTileRows * kTileRows; }
+
 // The query tokens of one work item that read one run of keys: (sequence, first token), every use with its own
 // visible prefix and rotation. Views share the prompt, the history and each other's steps, so the keys of such a
 // segment are loaded once for all the tokens (and query heads) that read them.
@@ -217,23 +230,28 @@ struct SharedSegment {
 };
 
 // Per-thread scratch. Rows of the item: up to kTokensPerItem tokens x G query heads (token-major): q, acc, state.
-// Rows of one shared segment (its uses x G, grown as needed): q_rot, scores, acc_s, state_s, limit.
+// Rows of one shared segment (its uses x G, grown as needed): q_rot, scores, acc_s, state_s, limit; with AMX tiles
+// also the rows' bf16 queries and weights (q16, p16; a whole number of 16-row tiles) and one result tile.
 constexpr int64_t kTokensPerItem = 16;
 struct Scratch {
-  std::vector<float> q, acc, q_rot, acc_s;
+  std::vector<float> q, acc, q_rot, acc_s, tile_sums;
   std::vector<hogwild::SoftmaxState> state, state_s;
   std::vector<vfloat> scores;
   std::vector<int64_t> limit;
+  std::vector<uint16_t> q16, p16;
   std::vector<SharedSegment> shared;
   Scratch(int64_t rows, int64_t head_size, int64_t value_size)
-      : q(rows * head_size), acc(rows * value_size), state(rows) {}
+      : q(rows * head_size), acc(rows * value_size), tile_sums(2 * kTileRows * kTileRows), state(rows) {}
   void reserve_segment_rows(int64_t rows, int64_t head_size, int64_t value_size) {
     if (static_cast<int64_t>(limit.size()) >= rows) return;
+    const int64_t padded = tile_rows(rows);
     q_rot.resize(rows * head_size);
     acc_s.resize(rows * value_size);
     state_s.resize(rows);
-    scores.resize(rows * kRun);
+    scores.resize(padded * kRun);
     limit.resize(rows);
+    q16.assign(padded * head_size, 0);
+    p16.assign(padded * kChunk, 0);
   }
 };
 
@@ -472,12 +490,10 @@ inline void accumulate_value_rows(const HogwildAttentionParams<scalar_t>& p, con
 
 // Folds the scores of one run into the online softmax of each of the `rows` rows: lanes lo .. hi - 1 are page
 // tokens j0 + lo .. of the segment, from its token `seg_offset` on; row r sees the segment's first limit[r] tokens.
-// state[r] and acc[r * Dv ..] are row r's softmax state and value sums.
-template <bool kAmx, typename scalar_t>
-void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0, int64_t lo,
-                    int64_t hi, int64_t rows, vfloat* scores, hogwild::SoftmaxState* state, float* acc_rows,
-                    const int64_t* limit, int64_t seg_offset) {
-  const int64_t dv = p.value_size;
+// state[r] and acc[r * Dv ..] are row r's softmax state and value sums (rescaled here); the scores become the
+// rows' weights (0 outside what the row sees), which accumulate_run_values then folds in.
+inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat* scores,
+                        hogwild::SoftmaxState* state, float* acc_rows, const int64_t* limit, int64_t seg_offset) {
   vint lane;
   for (int64_t i = 0; i < kLanes; ++i) lane[i] = static_cast<int32_t>(i);
   const vint lo_v = vint{} + static_cast<int32_t>(lo), hi_v = vint{} + static_cast<int32_t>(hi);
@@ -519,6 +535,14 @@ void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* v
       for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
     }
   }
+}
+
+// acc[r] += sum over lanes j in lo .. hi - 1 of weight[r][j] * value of page token j0 + j, for every row r.
+template <bool kAmx, typename scalar_t>
+void accumulate_run_values(const HogwildAttentionParams<scalar_t>& p, const scalar_t* vpage, int64_t j0, int64_t lo,
+                           int64_t hi, int64_t rows, const vfloat* scores, float* acc_rows) {
+  if (lo >= hi) return;
+  const int64_t dv = p.value_size;
   if (!kAmx && dv % kLanes != 0) {  // value sizes that are not a whole number of vectors: scalar (strided only)
     for (int64_t g = 0; g < rows; ++g) {
       const float* pj = reinterpret_cast<const float*>(scores + kRun * g);
@@ -535,6 +559,231 @@ void accumulate_run(const HogwildAttentionParams<scalar_t>& p, const scalar_t* v
     accumulate_value_rows<kValueVecs, kAmx>(p, vpage, j0, lo, hi, rows, scores, acc_rows, d0);
   }
   for (; d0 < dv; d0 += kLanes) accumulate_value_rows<1, kAmx>(p, vpage, j0, lo, hi, rows, scores, acc_rows, d0);
+}
+
+// AMX tiles on bf16 amx pages. The pages are already laid out as the B operand of a tile dot product (keys: one
+// 64-byte row per dim pair of 16 tokens; values: one row per token pair of 16 dims), so the op multiplies straight
+// from the cache: scores = queries (rounded to bf16 once per segment) x 16 keys per tile, value sums = weights
+// (rounded to bf16) x 32 tokens' values per tile, fp32 accumulation in the tiles. The softmax, its masks and the
+// rescaling stay on fp32 vectors, as on the other paths. Rows are processed 16 at a time (a tile's rows); the
+// buffers hold a whole number of 16-row blocks (the rows past the last one are zero and their results unused).
+// Chosen at run time (AMX-capable CPU, the kernel's permission for tile state, HOGWILD_CPU_AMX_TILES not "0");
+// every tile function sets and restores the thread's tile configuration, which vLLM's own kernel also uses.
+#if defined(HOGWILD_AMX_TILES)
+// lanes (fp32) -> bf16 bits, rounded to nearest even (finite inputs).
+inline void store_bf16(vfloat v, uint16_t* dst) {
+  vbits bits = reinterpret_cast<vbits>(v);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vhalfbits h = __builtin_convertvector(bits, vhalfbits);
+  std::memcpy(dst, &h, sizeof(h));
+}
+
+bool amx_tiles_available() {
+  static const bool available = [] {
+    unsigned a = 0, b = 0, c = 0, d = 0;
+    if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+    const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
+    constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;  // arch_prctl: ask for the tile data state
+    return tile && bf16 && syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+  }();
+  return available;
+}
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile is 16 rows of 64 bytes: 0-3 hold the A operands that stay loaded over a run (up to four 32-dim chunks
+// of the query rows for scores, up to four 32-token slices of the weights for value sums), 4 and 6 the B operands
+// read from the pages (in turn, so that one loads while the other multiplies), 5 and 7 the results (two 16-key
+// groups, or two 16-dim groups, at once). Loaded for the scope of one thread's share of a call; the thread's previous
+// configuration (vLLM's kernel keeps its own between calls) is put back after.
+class TileScope {
+ public:
+  __attribute__((target("amx-tile"))) TileScope() {
+    _tile_storeconfig(&saved_);
+    TileConfig mine;
+    for (int t = 0; t < 8; ++t) {
+      mine.colsb[t] = 64;
+      mine.rows[t] = kTileRows;
+    }
+    // GCC 12 does not count the bytes ldtilecfg reads as a use of them (it dropped the stores above without this)
+    asm volatile("" : : "r"(&mine) : "memory");
+    _tile_loadconfig(&mine);
+  }
+  __attribute__((target("amx-tile"))) ~TileScope() {
+    if (saved_.palette == 0) {
+      _tile_release();
+    } else {
+      _tile_loadconfig(&saved_);
+    }
+  }
+  TileScope(const TileScope&) = delete;
+  TileScope& operator=(const TileScope&) = delete;
+
+ private:
+  TileConfig saved_;
+};
+
+// The tile instructions with the tile number a template argument (the compiler's intrinsics take it as a literal
+// token). Loads and stores are memory barriers: the scratch rows they read are written just before, and the
+// scores and sums they write are read just after.
+template <int kTile>
+inline void tile_load(const void* base, int64_t stride) {
+  asm volatile("tileloadd (%0,%1,1), %%tmm%c2" : : "r"(base), "r"(stride), "i"(kTile) : "memory");
+}
+template <int kTile>
+inline void tile_store(void* base, int64_t stride) {
+  asm volatile("tilestored %%tmm%c2, (%0,%1,1)" : : "r"(base), "r"(stride), "i"(kTile) : "memory");
+}
+template <int kTile>
+inline void tile_zero() {
+  asm volatile("tilezero %%tmm%c0" : : "i"(kTile));
+}
+template <int kSum, int kA, int kB>
+inline void tile_dot() {  // kSum (fp32, 16 x 16) += kA (16 rows of 32 bf16) x kB (16 rows of 16 bf16 pairs)
+  asm volatile("tdpbf16ps %%tmm%c2, %%tmm%c1, %%tmm%c0" : : "i"(kSum), "i"(kA), "i"(kB));
+}
+
+// kSum += sum over the kCount resident A tiles c (0 ..) of A tile c x the B rows at b + c * b_step (B tiles 4, 6).
+template <int kCount, int kSum, int c = 0>
+inline void dot_resident(const c10::BFloat16* b, int64_t b_step) {
+  if constexpr (c < kCount) {
+    constexpr int kB = c % 2 == 0 ? 4 : 6;
+    tile_load<kB>(b + c * b_step, 64);
+    tile_dot<kSum, c, kB>();
+    dot_resident<kCount, kSum, c + 1>(b, b_step);
+  }
+}
+template <int kCount, int c = 0>
+inline void load_resident(const uint16_t* a, int64_t a_step, int64_t stride) {
+  if constexpr (c < kCount) {
+    tile_load<c>(a + c * a_step, stride);
+    load_resident<kCount, c + 1>(a, a_step, stride);
+  }
+}
+
+// scores[r][v] (kRun vectors a row) for the 16-token key groups v < groups of the run (from page token j0, a
+// multiple of 16) and the 16 rows of q (bf16, kChunks * 32 dims a row), the row block's chunks held in tiles 0 ...
+// Lanes outside the run are whatever the page holds there (masked by the softmax).
+template <int kChunks>
+__attribute__((target("amx-tile,amx-bf16"))) void score_rows_tiles(const c10::BFloat16* kpage, int64_t j0,
+                                                                     int64_t groups, const uint16_t* q,
+                                                                     vfloat* scores) {
+  constexpr int64_t d_size = kChunks * kTileDepth;
+  constexpr int64_t group_step = kAmxKeyTokens * d_size, chunk_step = kTileDepth * kAmxKeyTokens;
+  load_resident<kChunks>(q, kTileDepth, d_size * sizeof(uint16_t));
+  const c10::BFloat16* keys = kpage + j0 * d_size;
+  for (int64_t v = 0; v < groups; v += 2) {
+    tile_zero<5>();
+    dot_resident<kChunks, 5>(keys + v * group_step, chunk_step);
+    if (v + 1 < groups) {
+      tile_zero<7>();
+      dot_resident<kChunks, 7>(keys + (v + 1) * group_step, chunk_step);
+    }
+    tile_store<5>(scores + v, kRun * sizeof(vfloat));
+    if (v + 1 < groups) tile_store<7>(scores + v + 1, kRun * sizeof(vfloat));
+  }
+}
+
+// Any head size (a multiple of 32): the query chunks are loaded again for every key group.
+__attribute__((target("amx-tile,amx-bf16"))) void score_rows_tiles_any(const c10::BFloat16* kpage, int64_t j0,
+                                                                         int64_t groups, const uint16_t* q,
+                                                                         int64_t d_size, vfloat* scores) {
+  for (int64_t v = 0; v < groups; ++v) {
+    const c10::BFloat16* keys = kpage + (j0 + v * kAmxKeyTokens) * d_size;
+    tile_zero<5>();
+    for (int64_t d = 0; d < d_size; d += kTileDepth) {
+      tile_load<0>(q + d, d_size * sizeof(uint16_t));
+      tile_load<4>(keys + d * kAmxKeyTokens, 64);
+      tile_dot<5, 0, 4>();
+    }
+    tile_store<5>(scores + v, kRun * sizeof(vfloat));
+  }
+}
+
+// scores[r][v] for every row r < rows (q16: tile_rows(rows) bf16 rows of head_size) and the key groups of the run
+// (page tokens j0 .. j0 + hi - 1, j0 a multiple of 16).
+void score_run_tiles(const c10::BFloat16* kpage, int64_t j0, int64_t hi, int64_t rows, int64_t head_size,
+                     const uint16_t* q16, vfloat* scores) {
+  const int64_t groups = (hi + kAmxKeyTokens - 1) / kAmxKeyTokens;
+  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+    const uint16_t* q = q16 + r0 * head_size;
+    vfloat* s = scores + kRun * r0;
+    switch (head_size) {
+      case 64: score_rows_tiles<2>(kpage, j0, groups, q, s); break;
+      case 128: score_rows_tiles<4>(kpage, j0, groups, q, s); break;
+      case 32: score_rows_tiles<1>(kpage, j0, groups, q, s); break;
+      case 96: score_rows_tiles<3>(kpage, j0, groups, q, s); break;
+      default: score_rows_tiles_any(kpage, j0, groups, q, head_size, s); break;
+    }
+  }
+}
+
+// For the 16 rows of p (bf16 weights from lane a0: kSlices 32-token slices, held in tiles 0 ..): their value sums
+// over page tokens `first` .. first + 32 kSlices - 1 (first even), two 16-dim groups at a time, added to acc_rows
+// (rows of dv floats; the first `rows` of the block are real).
+template <int kSlices>
+__attribute__((target("amx-tile,amx-bf16"))) void value_rows_tiles(const c10::BFloat16* vpage, int64_t block_size,
+                                                                     int64_t first, int64_t dv, const uint16_t* p,
+                                                                     int64_t rows, float* acc_rows, float* sums) {
+  constexpr int64_t slice_step = kTileDepth * kAmxValueDims;  // 16 token-pair rows
+  load_resident<kSlices>(p, kTileDepth, kChunk * sizeof(uint16_t));
+  for (int64_t d0 = 0; d0 < dv; d0 += 2 * kAmxValueDims) {
+    const bool two = d0 + kAmxValueDims < dv;
+    tile_zero<5>();
+    dot_resident<kSlices, 5>(vpage + d0 * block_size + first * kAmxValueDims, slice_step);
+    if (two) {
+      tile_zero<7>();
+      dot_resident<kSlices, 7>(vpage + (d0 + kAmxValueDims) * block_size + first * kAmxValueDims, slice_step);
+    }
+    tile_store<5>(sums, 2 * kTileRows * sizeof(float));
+    if (two) tile_store<7>(sums + kTileRows, 2 * kTileRows * sizeof(float));
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t g = 0; g < (two ? 2 : 1); ++g) {
+        float* acc = acc_rows + r * dv + d0 + g * kAmxValueDims;
+        const vfloat sum = load_lanes(sums + r * 2 * kTileRows + g * kTileRows) + load_lanes(acc);
+        std::memcpy(acc, &sum, sizeof(sum));
+      }
+    }
+  }
+}
+
+// acc[r][0 .. dv) += sum over lanes j in a0 .. a1 - 1 (a0 even, a1 - a0 a multiple of 32, at most kChunk) of
+// weight[r][j] * value of page token j0 + j, for every row r; p16 (tile_rows(rows) x kChunk bf16) and sums
+// (16 x 32 fp32) are scratch. Every value read is a written one (inside the run), so a weight of 0 never meets NaN.
+void value_run_tiles(const c10::BFloat16* vpage, int64_t block_size, int64_t j0, int64_t a0, int64_t a1,
+                     int64_t rows, int64_t dv, const vfloat* weights, float* acc_rows, uint16_t* p16, float* sums) {
+  const int64_t padded = tile_rows(rows);
+  for (int64_t r = 0; r < padded; ++r) {
+    for (int64_t v = a0 / kLanes; v * kLanes < a1; ++v) {
+      store_bf16(r < rows ? weights[kRun * r + v] : vfloat{}, p16 + r * kChunk + v * kLanes);
+    }
+  }
+  for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
+    const uint16_t* p = p16 + r0 * kChunk + a0;
+    const int64_t n = std::min(rows - r0, kTileRows);
+    float* acc = acc_rows + r0 * dv;
+    switch ((a1 - a0) / kTileDepth) {
+      case 4: value_rows_tiles<4>(vpage, block_size, j0 + a0, dv, p, n, acc, sums); break;
+      case 3: value_rows_tiles<3>(vpage, block_size, j0 + a0, dv, p, n, acc, sums); break;
+      case 2: value_rows_tiles<2>(vpage, block_size, j0 + a0, dv, p, n, acc, sums); break;
+      default: value_rows_tiles<1>(vpage, block_size, j0 + a0, dv, p, n, acc, sums); break;
+    }
+  }
+}
+#else
+inline bool amx_tiles_available() { return false; }
+#endif
+
+// Whether this call multiplies bf16 amx pages with AMX tiles: the build has the tile code, the CPU and the kernel
+// allow it, and HOGWILD_CPU_AMX_TILES is not "0" (read every call: tests and comparisons switch it).
+inline bool use_amx_tiles() {
+  const char* env = std::getenv("HOGWILD_CPU_AMX_TILES");
+  if (env != nullptr && std::strcmp(env, "0") == 0) return false;
+  return amx_tiles_available();
 }
 
 // Asks for the cache lines of [begin, begin + bytes) in L2 ahead of their use (a run of keys and values is more
@@ -600,7 +849,8 @@ bool collect_segments(const HogwildAttentionParams<scalar_t>& p, int64_t first, 
 }
 
 // One work item: tokens first .. last - 1, one KV head, all its query heads. Returns false on a bad table.
-template <bool kAmx, typename scalar_t>
+// kTiles: bf16 amx pages multiplied with AMX tiles (launch checks that the CPU has them).
+template <bool kAmx, bool kTiles, typename scalar_t>
 bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64_t last, int64_t kv_head,
                  Scratch& w) {
   const int64_t group = p.num_heads / p.num_kv_heads;
@@ -632,6 +882,11 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
         w.limit[k] = use.visible;
       }
     }
+#if defined(HOGWILD_AMX_TILES)
+    if constexpr (kTiles) {  // the rotated queries as the tiles' bf16 rows (rows past the last: unused results)
+      for (int64_t i = 0; i < rows * d_size; i += kLanes) store_bf16(load_lanes(w.q_rot.data() + i), &w.q16[i]);
+    }
+#endif
     const int32_t* blocks = p.block_tables + sh.seq * p.bt_stride;
     for (int64_t i = sh.start, end = sh.start + sh.longest; i < end;) {
       const int64_t block = blocks[i / p.block_size];
@@ -646,9 +901,32 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
       const scalar_t* kpage = p.key_cache + block * p.k_stride_block + kv_head * p.k_stride_head;
       const scalar_t* vpage = p.value_cache + block * p.v_stride_block + kv_head * p.v_stride_head;
       if (kAmx && i + hi - lo < end) prefetch_amx_run(p, blocks, i + hi - lo, end, kv_head);
+#if defined(HOGWILD_AMX_TILES)
+      if constexpr (kTiles) {
+        score_run_tiles(kpage, j0, hi, rows, d_size, w.q16.data(), w.scores.data());
+      } else {
+        score_run<kAmx>(p, kpage, j0, lo, hi, rows, w.q_rot.data(), w.scores.data());
+      }
+#else
       score_run<kAmx>(p, kpage, j0, lo, hi, rows, w.q_rot.data(), w.scores.data());
-      accumulate_run<kAmx>(p, vpage, j0, lo, hi, rows, w.scores.data(), w.state_s.data(), w.acc_s.data(),
-                           w.limit.data(), i - sh.start);
+#endif
+      softmax_run(lo, hi, rows, dv, w.scores.data(), w.state_s.data(), w.acc_s.data(), w.limit.data(),
+                  i - sh.start);
+      int64_t a0 = hi, a1 = hi;  // lanes a0 .. a1 - 1 on tiles: whole 32-token slices from the first even lane
+#if defined(HOGWILD_AMX_TILES)
+      if constexpr (kTiles) {
+        a0 = std::min(hi, lo + lo % 2);
+        a1 = a0 + (hi - a0) / kTileDepth * kTileDepth;
+        if (a1 > a0) {
+          value_run_tiles(vpage, p.block_size, j0, a0, a1, rows, dv, w.scores.data(), w.acc_s.data(),
+                          w.p16.data(), w.tile_sums.data());
+        } else {
+          a0 = a1 = hi;
+        }
+      }
+#endif
+      accumulate_run_values<kAmx>(p, vpage, j0, lo, a0, rows, w.scores.data(), w.acc_s.data());
+      accumulate_run_values<kAmx>(p, vpage, j0, a1, hi, rows, w.scores.data(), w.acc_s.data());
       i += hi - lo;
     }
     for (size_t u = 0; u < sh.uses.size(); ++u) {  // merge each use into its token's softmax (log-sum-exp)
@@ -678,8 +956,8 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
   return true;
 }
 
-// kAmx: p.packing == kAmxPages (bf16 / fp16 only).
-template <bool kAmx, typename scalar_t>
+// kAmx: p.packing == kAmxPages (bf16 / fp16 only); kTiles: bf16 amx pages on AMX tiles.
+template <bool kAmx, bool kTiles = false, typename scalar_t>
 void launch(const HogwildAttentionParams<scalar_t>& p) {
   const int64_t group = p.num_heads / p.num_kv_heads;
   // Tokens per item: up to kTokensPerItem (keys shared by more tokens are loaded fewer times), but small enough
@@ -694,12 +972,16 @@ void launch(const HogwildAttentionParams<scalar_t>& p) {
   const int64_t chunks = (p.num_tokens + per_item - 1) / per_item;
   std::atomic<bool> ok{true};
   at::parallel_for(0, chunks * p.num_kv_heads, 1, [&](int64_t begin, int64_t end) {
+#if defined(HOGWILD_AMX_TILES)
+    std::optional<TileScope> tiles;
+    if constexpr (kTiles) tiles.emplace();
+#endif
     Scratch w(kTokensPerItem * group, p.head_size, p.value_size);
     for (int64_t item = begin; item < end; ++item) {
       const int64_t chunk = item / p.num_kv_heads;
       const int64_t first = chunk * p.num_tokens / chunks;
       const int64_t last = (chunk + 1) * p.num_tokens / chunks;
-      if (!attend_item<kAmx>(p, first, last, item % p.num_kv_heads, w)) ok.store(false);
+      if (!attend_item<kAmx, kTiles>(p, first, last, item % p.num_kv_heads, w)) ok.store(false);
     }
   });
   TORCH_CHECK(ok.load(), "hogwild_attention: the segment table reads outside the block tables, the cache or the "
@@ -710,6 +992,9 @@ void launch(const HogwildAttentionParams<scalar_t>& p) {
 template <typename scalar_t>
 void launch_16bit(const HogwildAttentionParams<scalar_t>& p) {
   if (p.packing == hogwild::kAmxPages) {
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (use_amx_tiles()) return launch<true, true>(p);  // head sizes are whole tiles on amx pages (% 32 == 0)
+    }
     launch<true>(p);
   } else {
     launch<false>(p);
@@ -748,3 +1033,5 @@ void hogwild_attention_cpu(at::Tensor& out, const at::Tensor& query, const at::T
       TORCH_CHECK(false, "hogwild_attention: unsupported dtype ", query.scalar_type());
   }
 }
+
+bool hogwild_cpu_amx_tiles() { return use_amx_tiles(); }

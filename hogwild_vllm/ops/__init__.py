@@ -13,7 +13,8 @@ picks, by the query's device:
 Every implementation reads any strided paged cache ``[num_blocks, block_size, Hkv, D]`` (vLLM's ``vec`` CPU
 packing, where keys are stored dim-major inside a page, is such a view) and the same :class:`SegmentTable`; the
 compiled CPU op and the reference also read vLLM's ``amx`` CPU packing (``packing="amx"``, see ``ops/layouts.py``).
-Pure torch: importing this package never needs vLLM.
+On CPUs with AMX tiles the compiled op multiplies bf16 ``amx`` pages with them (:func:`cpu_amx_tiles`;
+``HOGWILD_CPU_AMX_TILES=0`` keeps it on fp32 vectors). Pure torch: importing this package never needs vLLM.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from hogwild_vllm.ops.reference import (
 from hogwild_vllm.ops.segments import SegmentTable
 
 IMPL_ENV = "HOGWILD_ATTENTION_IMPL"
+AMX_TILES_ENV = "HOGWILD_CPU_AMX_TILES"  # "0": the CPU op keeps bf16 amx pages on fp32 vectors (read every call)
 IMPLS = ("auto", "reference", "ext", "triton")
 PACKINGS = {"strided": 0, "amx": 1}  # cache packing -> the compiled op's `packing` argument
 logger = logging.getLogger("vllm.hogwild_vllm.ops")
@@ -79,6 +81,15 @@ def _impl_for(device_type: str) -> str:
             return "triton"
         _warn_once("hogwild: Triton is not importable, attention runs on the slow pure-torch reference")
     return "reference"
+
+
+def cpu_amx_tiles() -> bool:
+    """Whether the compiled CPU op multiplies bf16 ``amx`` pages with AMX tiles now: the queries (rotated) and the
+    softmax weights are rounded to bf16 for the tile products, sums stay fp32. False without the extension, on CPUs
+    without AMX-BF16, or with ``HOGWILD_CPU_AMX_TILES=0`` (then every product is fp32 on vectors)."""
+    from hogwild_vllm.ops._ext import has_ext, load_ops
+
+    return has_ext() and bool(load_ops().cpu_amx_tiles())
 
 
 def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
@@ -135,12 +146,14 @@ def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache:
 
 
 __all__ = [
+    "AMX_TILES_ENV",
     "IMPL_ENV",
     "PACKINGS",
     "DeltaRotation",
     "DenseView",
     "SegmentTable",
     "attention_impl",
+    "cpu_amx_tiles",
     "dense_view_attention_reference",
     "hogwild_attention",
     "hogwild_attention_reference",

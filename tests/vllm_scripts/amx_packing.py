@@ -1,8 +1,9 @@
 """bf16 requests through a real vLLM engine on a CPU with AMX tiles: plugin off, plugin on (vLLM's ``amx`` cache
-packing), or plugin on with the ``vec`` packing pinned (``HOGWILD_CPU_PACKING=vec``). Prints the result as one
-JSON line.
+packing, groups on AMX tiles), plugin on with the op's tiles switched off (``HOGWILD_CPU_AMX_TILES=0``: the same
+pages on fp32 vectors), or plugin on with the ``vec`` packing pinned (``HOGWILD_CPU_PACKING=vec``). Prints the result
+as one JSON line.
 
-usage: python amx_packing.py MODEL off|on|on-vec
+usage: python amx_packing.py MODEL off|on|on-vectors|on-vec
 
 Plain prompts with their prompt logprobs and a few greedy tokens (the token budget cuts the longest prompt into
 chunks that read earlier chunks from the cache); with the plugin on, also a greedy group of 2 workers whose pass 0
@@ -30,6 +31,8 @@ def main() -> None:
     model, mode = sys.argv[1], sys.argv[2]
     if mode == "on-vec":
         os.environ["HOGWILD_CPU_PACKING"] = "vec"
+    if mode == "on-vectors":
+        os.environ["HOGWILD_CPU_AMX_TILES"] = "0"  # the engine's worker process inherits it
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -39,12 +42,14 @@ def main() -> None:
     packing = llm.llm_engine.collective_rpc(
         lambda self: self.model_runner.attn_groups[0][0].metadata_builders[0]._cpu.isa if hasattr(
             self.model_runner.attn_groups[0][0].metadata_builders[0], "_cpu") else "native")
+    tiles = llm.llm_engine.collective_rpc(lambda self: __import__("hogwild_vllm.ops").ops.cpu_amx_tiles())
     ids = prompts(llm.llm_engine.model_config.get_vocab_size())
     params = SamplingParams(temperature=0, max_tokens=8, prompt_logprobs=0)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in ids], params, use_tqdm=False)
     logprobs = [[None if lp is None else [(t, v.logprob) for t, v in sorted(lp.items())] for lp in o.prompt_logprobs]
                 for o in outs]
-    result = {"packing": packing, "logprobs": logprobs, "tokens": [list(o.outputs[0].token_ids) for o in outs]}
+    result = {"packing": packing, "tiles": tiles, "logprobs": logprobs,
+              "tokens": [list(o.outputs[0].token_ids) for o in outs]}
     if mode != "off":
         group_params = SamplingParams(temperature=0, max_tokens=1, extra_args={"hogwild": GROUP})
         group = llm.generate(TokensPrompt(prompt_token_ids=ids[1]), group_params, use_tqdm=False)[0]
