@@ -14,6 +14,8 @@ hogwild ops read it as the plugin's backend does: ``vec`` through strided ``[num
 (``ops.layouts.amx_pages``); the layout is checked against the written keys and values before timing.
 
 Columns: ``ext`` (``hogwild_attention(..., impl="ext")``, the compiled op; skipped with a note until it is built),
+``ext_vectors`` (the same op with ``HOGWILD_CPU_AMX_TILES=0``: fp32 vector products instead of AMX tiles; only where
+the op uses tiles, i.e. ``amx`` pages on a CPU with AMX-BF16),
 ``reference`` (``impl="reference"``, pure torch, only up to --reference-max-keys: it is slow), ``vllm``
 (``cpu_attention_with_kv_cache`` over ONE segment of the same keys per sequence: plain causal decode of ``workers``
 sequences; its scheduler metadata is built outside the timing, as vLLM builds it once per step), ratios
@@ -27,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
 import shlex
 import statistics
 import sys
@@ -38,13 +41,13 @@ from typing import Any
 import torch
 from _report import describe, fmt, line_panels, machine_info, print_table, write_results
 
-from hogwild_vllm.ops import SegmentTable, hogwild_attention
+from hogwild_vllm.ops import AMX_TILES_ENV, SegmentTable, cpu_amx_tiles, hogwild_attention
 from hogwild_vllm.ops.layouts import amx_pages, amx_unpacked, cpu_page_views
 from hogwild_vllm.rope import DeltaRope, RopeSpec
 
 HERE = Path(__file__).resolve().parent
-COLUMNS = ["shape", "threads", "keys", "segments", "ext_ms", "reference_ms", "vllm_ms", "ref_over_ext",
-           "ext_over_vllm", "diff_ext_ref", "diff_vs_vllm"]
+COLUMNS = ["shape", "threads", "keys", "segments", "ext_ms", "ext_vectors_ms", "reference_ms", "vllm_ms",
+           "ref_over_ext", "ext_over_vllm", "vectors_over_vllm", "diff_ext_ref", "diff_vs_vllm"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -164,7 +167,18 @@ class PagedCase:
                             query_pos=torch.tensor([[last, last]] * w, dtype=torch.int32))
 
     def hogwild(self, table: SegmentTable, impl: str) -> torch.Tensor:
-        """One call of ``hogwild_attention`` (``impl`` = ext | reference) over the strided cache views."""
+        """One call of ``hogwild_attention`` (``impl`` = ext | ext_vectors | reference) over the cache views;
+        ``ext_vectors`` is the compiled op with its AMX tiles switched off for this call."""
+        if impl == "ext_vectors":
+            previous = os.environ.get(AMX_TILES_ENV)
+            os.environ[AMX_TILES_ENV] = "0"
+            try:
+                return self.hogwild(table, "ext")
+            finally:
+                if previous is None:
+                    del os.environ[AMX_TILES_ENV]
+                else:
+                    os.environ[AMX_TILES_ENV] = previous
         out = hogwild_attention(self.query, self.key_view, self.value_view, self.block_tables, table, self.rope,
                                 self.scale, impl=impl, packing=self.packing)
         assert isinstance(out, torch.Tensor)
@@ -201,7 +215,7 @@ def keys_label(keys: int) -> str:
 def series_style(label: str, key_counts: list[int]) -> dict[str, Any]:
     """Plot style of a series named ``<impl...> <keys>``: colour by implementation, marker by key count."""
     impl, keys = label.rsplit(" ", 1)
-    color = {"ext": "tab:blue", "reference": "tab:orange"}.get(impl, "tab:gray")
+    color = {"ext": "tab:blue", "ext vectors": "tab:green", "reference": "tab:orange"}.get(impl, "tab:gray")
     labels = [keys_label(k) for k in key_counts]
     marker = "osD^v<>p*"[labels.index(keys) % 9] if keys in labels else "x"
     return {"color": color, "marker": marker, "linestyle": "--" if impl.startswith("vLLM") else "-"}
@@ -220,8 +234,7 @@ def measure(case: PagedCase, table: SegmentTable, impls: list[str], vllm_call: C
     outs: dict[str, torch.Tensor] = {}
     calls: dict[str, Callable[[], Any]] = {impl: functools.partial(case.hogwild, table, impl) for impl in impls}
     paired: dict[str, Callable[[], Any]] = {"vllm": vllm_call}
-    if "ext" in calls:
-        paired["ext"] = calls["ext"]
+    paired.update({k: calls[k] for k in ("ext", "ext_vectors") if k in calls})
     groups = [paired] + ([{"reference": calls["reference"]}] if "reference" in calls else [])
     for group in groups:
         try:
@@ -243,11 +256,14 @@ def main() -> int:
     gen = torch.Generator().manual_seed(args.seed)
     rows: list[dict[str, Any]] = []
     errors: list[str] = []
+    tiles = False
     for shape in args.shapes:
         d, hq, hkv = (int(x) for x in shape.split(":"))
         for keys in args.keys:
             case = PagedCase(d, hq, hkv, keys, args.workers, args.block_size, gen)
-            impls = [i for i, skip in (("ext", missing), ("reference", keys > args.reference_max_keys)) if not skip]
+            tiles = not missing and case.packing == "amx" and cpu_amx_tiles()
+            impls = [i for i, skip in (("ext", missing), ("ext_vectors", not tiles),
+                                       ("reference", keys > args.reference_max_keys)) if not skip]
             for threads in args.threads:
                 torch.set_num_threads(threads)
                 vllm_call, vllm_out = case.vllm_call()
@@ -255,22 +271,26 @@ def main() -> int:
                 for segments in args.segments:
                     times, outs = measure(case, case.table(segments, gen), impls, vllm_call, args, errors)
                     ext, ref, vllm_ms = times.get("ext_ms"), times.get("reference_ms"), times.get("vllm_ms")
+                    vectors = times.get("ext_vectors_ms")
                     row: dict[str, Any] = {
                         "shape": f"D{d} H{hq}/{hkv}", "threads": threads, "keys": keys, "segments": segments,
-                        "ext_ms": ext, "reference_ms": ref, "vllm_ms": vllm_ms,
+                        "ext_ms": ext, "ext_vectors_ms": vectors, "reference_ms": ref, "vllm_ms": vllm_ms,
                         "ref_over_ext": ref / ext if ext and ref else None,
                         "ext_over_vllm": ext / vllm_ms if ext and vllm_ms else None,
+                        "vectors_over_vllm": vectors / vllm_ms if vectors and vllm_ms else None,
                         "diff_ext_ref": max_diff(outs.get("ext"), outs.get("reference")),
                         "diff_vs_vllm": max_diff(outs.get("ext", outs.get("reference")), vllm_out) if segments == 1
                         else None}
                     rows.append(row)
                     print(f"  {row['shape']} threads {threads} keys {keys} segments {segments}: ext {fmt(ext)} ms, "
-                          f"reference {fmt(ref)} ms, vllm {fmt(vllm_ms)} ms", flush=True)
+                          f"ext vectors {fmt(vectors)} ms, reference {fmt(ref)} ms, vllm {fmt(vllm_ms)} ms", flush=True)
     header = [f"command: {shlex.join(['python', *sys.argv])}", f"machine: {describe(info)}",
               f"bf16 cache, vLLM CPU layout, block {args.block_size}, packing {case.isa()}; {args.workers} views, one "
               f"decode query each; times: medians of >= 3 calls, >= {args.min_time} s or {args.max_repeats} calls, "
               "after 2 warm-up calls; ext and vllm interleaved",
-              "ext: " + (f"skipped ({missing})" if missing else "hogwild_attention(impl='ext')"),
+              "ext: " + (f"skipped ({missing})" if missing else "hogwild_attention(impl='ext')"
+                         + (", bf16 products on AMX tiles; ext_vectors: the same with HOGWILD_CPU_AMX_TILES=0"
+                            if tiles else ", fp32 vector products")),
               f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}"] + [f"error: {e}" for e in errors]
     print("\n".join(header))
     markdown = print_table(rows, COLUMNS)
@@ -278,7 +298,8 @@ def main() -> int:
     panels: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
     for r in rows:
         series = panels.setdefault(f"{r['shape']}, {r['threads']} thread(s)", {})
-        for impl, label in (("ext", "ext"), ("reference", "reference"), ("vllm", "vLLM 1 segment")):
+        for impl, label in (("ext", "ext"), ("ext_vectors", "ext vectors"), ("reference", "reference"),
+                            ("vllm", "vLLM 1 segment")):
             if r.get(f"{impl}_ms"):
                 xs, ys = series.setdefault(f"{label} {keys_label(r['keys'])}", ([], []))
                 xs.append(r["segments"])
