@@ -170,6 +170,26 @@ def test_op_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int
     assert_matches_oracle(out, lse, sc, rope, scale, packing)
 
 
+# Prompts of 260-700 tokens in 128-token blocks: long segments whose rows see whole aligned runs of keys (the CPU
+# op's unmasked softmax path; the main grid's prompts are at most 100 tokens), beside the partial runs at their ends.
+LONG_GRID = [case for case in itertools.product(HEAD_SIZES, [1, 4], [128], [1, 4], CASES, PACKINGS)
+             if packing_applies(case[5], case[4][1], case[2], case[0])]
+
+
+@pytest.mark.parametrize(("head_size", "gqa_ratio", "block_size", "num_workers", "case", "packing"), LONG_GRID,
+                         ids=case_id)
+def test_op_matches_dense_oracle_on_long_prompts(head_size: int, gqa_ratio: int, block_size: int, num_workers: int,
+                                                 case: tuple[str, torch.dtype], packing: str,
+                                                 rng: random.Random) -> None:
+    rope_style, dtype = case
+    rope = make_rope("double", rope_style, head_size)
+    assert isinstance(rope, TestRope)
+    sc = build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, rng, prompt_lengths=(260, 700))
+    scale = head_size**-0.5
+    out, lse = run_op(sc, rope, scale, packing)
+    assert_matches_oracle(out, lse, sc, rope, scale, packing)
+
+
 # Value sizes that are not a whole number of the op's two-vector value chunks (16 fp32 lanes with AVX-512, 8 with
 # AVX2): 80 and 112 end on a one-vector chunk, 72 is not a whole number of 16-lane vectors (scalar path there);
 # amx pages take 96 (a 64-dim chunk, then two single vectors).
