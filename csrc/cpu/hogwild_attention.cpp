@@ -500,6 +500,18 @@ inline void accumulate_value_rows(const HogwildAttentionParams<scalar_t>& p, con
   }
 }
 
+// A row's softmax state after a run whose weights exp(score - m_new) sum (lane-wise) to `total`: the earlier sum
+// and the row's value sums acc[0 .. dv) rescaled to the new max, and not at all when the max held (exp(0) is 1
+// exactly, so skipping it changes nothing).
+inline void fold_run(hogwild::SoftmaxState& st, float m_new, vfloat total, float* acc, int64_t dv) {
+  const float correction = m_new == st.m ? 1.0f : exp_nonpositive(st.m - m_new);
+  st.l = st.l * correction + lane_sum(total);
+  st.m = m_new;
+  if (correction != 1.0f) {
+    for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
+  }
+}
+
 // Folds the scores of one run into the online softmax of each of the `rows` rows: lanes lo .. hi - 1 are page
 // tokens j0 + lo .. of the segment, from its token `seg_offset` on; row r sees the segment's first limit[r] tokens.
 // state[r] and acc[r * Dv ..] are row r's softmax state and value sums (rescaled here); the scores become the
@@ -524,20 +536,13 @@ inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat
     if (whole_run && visible_end == hi) {  // every lane is a key this row sees: no masks (most runs of long rows)
       vfloat run_max = s[0];
       for (int v = 1; v < kRun; ++v) run_max = run_max > s[v] ? run_max : s[v];
-      hogwild::SoftmaxState& st = state[g];
-      const float m_new = std::max(st.m, lane_max(run_max));
-      const float correction = m_new == st.m ? 1.0f : exp_nonpositive(st.m - m_new);  // exp(0) is 1 exactly
+      const float m_new = std::max(state[g].m, lane_max(run_max));
       vfloat total = vfloat{};
       for (int v = 0; v < kRun; ++v) {
         s[v] = exp_nonpositive(s[v] - m_new);
         total += s[v];
       }
-      st.l = st.l * correction + lane_sum(total);
-      st.m = m_new;
-      if (correction != 1.0f) {
-        float* acc = acc_rows + g * dv;
-        for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
-      }
+      fold_run(state[g], m_new, total, acc_rows + g * dv, dv);
       continue;
     }
     const vint row_end = vint{} + static_cast<int32_t>(visible_end);
@@ -553,20 +558,13 @@ inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat
       for (int v = 0; v < nv; ++v) s[v] = vfloat{};
       continue;
     }
-    hogwild::SoftmaxState& st = state[g];
-    const float m_new = std::max(st.m, chunk_max);
-    const float correction = m_new == st.m ? 1.0f : exp_nonpositive(st.m - m_new);  // exp(0) is 1 exactly
+    const float m_new = std::max(state[g].m, chunk_max);
     vfloat total = vfloat{};
     for (int v = 0; v < nv; ++v) {
       s[v] = mask[v] ? exp_nonpositive(s[v] - m_new) : vfloat{};
       total += s[v];
     }
-    st.l = st.l * correction + lane_sum(total);
-    st.m = m_new;
-    if (correction != 1.0f) {
-      float* acc = acc_rows + g * dv;
-      for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
-    }
+    fold_run(state[g], m_new, total, acc_rows + g * dv, dv);
   }
 }
 
