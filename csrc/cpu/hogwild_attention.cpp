@@ -243,22 +243,22 @@ struct SharedSegment {
 
 // Per-thread scratch. Rows of the item: up to kTokensPerItem tokens x G query heads (token-major): q, acc, state.
 // Rows of one shared segment (its uses x G, grown as needed): q_rot, scores, acc_s, state_s, limit; with AMX tiles
-// also the rows' bf16 queries and weights (q16, p16; a whole number of 16-row tiles) and one result tile.
+// also the rows' bf16 queries and weights (q16, p16; a whole number of 16-row tiles, as acc_s).
 constexpr int64_t kTokensPerItem = 16;
 struct Scratch {
-  std::vector<float> q, acc, q_rot, acc_s, tile_sums;
+  std::vector<float> q, acc, q_rot, acc_s;
   std::vector<hogwild::SoftmaxState> state, state_s;
   std::vector<vfloat> scores;
   std::vector<int64_t> limit;
   std::vector<uint16_t> q16, p16;
   std::vector<SharedSegment> shared;
   Scratch(int64_t rows, int64_t head_size, int64_t value_size)
-      : q(rows * head_size), acc(rows * value_size), tile_sums(2 * kTileRows * kTileRows), state(rows) {}
+      : q(rows * head_size), acc(rows * value_size), state(rows) {}
   void reserve_segment_rows(int64_t rows, int64_t head_size, int64_t value_size) {
     if (static_cast<int64_t>(limit.size()) >= rows) return;
     const int64_t padded = tile_rows(rows);
     q_rot.resize(rows * head_size);
-    acc_s.resize(rows * value_size);
+    acc_s.resize(padded * value_size);  // AMX tiles load and store whole 16-row blocks of it
     state_s.resize(rows);
     scores.resize(padded * kRun);
     limit.resize(rows);
@@ -754,39 +754,35 @@ void score_run_tiles(const c10::BFloat16* kpage, int64_t j0, int64_t hi, int64_t
 }
 
 // For the 16 rows of p (bf16 weights from lane a0: kSlices 32-token slices, held in tiles 0 ..): their value sums
-// over page tokens `first` .. first + 32 kSlices - 1 (first even), two 16-dim groups at a time, added to acc_rows
-// (rows of dv floats; the first `rows` of the block are real).
+// over page tokens `first` .. first + 32 kSlices - 1 (first even), added to the 16 rows of acc_rows (rows of dv
+// floats) in the tiles themselves: each 16-dim group of the rows is loaded as the result tile, multiplied into and
+// stored back, two groups at a time.
 template <int kSlices>
 __attribute__((target("amx-tile,amx-bf16"))) void value_rows_tiles(const c10::BFloat16* vpage, int64_t block_size,
                                                                      int64_t first, int64_t dv, const uint16_t* p,
-                                                                     int64_t rows, float* acc_rows, float* sums) {
+                                                                     float* acc_rows) {
   constexpr int64_t slice_step = kTileDepth * kAmxValueDims;  // 16 token-pair rows
+  const int64_t acc_stride = dv * static_cast<int64_t>(sizeof(float));
   load_resident<kSlices>(p, kTileDepth, kChunk * sizeof(uint16_t));
   for (int64_t d0 = 0; d0 < dv; d0 += 2 * kAmxValueDims) {
     const bool two = d0 + kAmxValueDims < dv;
-    tile_zero<5>();
+    tile_load<5>(acc_rows + d0, acc_stride);
     dot_resident<kSlices, 5>(vpage + d0 * block_size + first * kAmxValueDims, slice_step);
     if (two) {
-      tile_zero<7>();
+      tile_load<7>(acc_rows + d0 + kAmxValueDims, acc_stride);
       dot_resident<kSlices, 7>(vpage + (d0 + kAmxValueDims) * block_size + first * kAmxValueDims, slice_step);
     }
-    tile_store<5>(sums, 2 * kTileRows * sizeof(float));
-    if (two) tile_store<7>(sums + kTileRows, 2 * kTileRows * sizeof(float));
-    for (int64_t r = 0; r < rows; ++r) {
-      for (int64_t g = 0; g < (two ? 2 : 1); ++g) {
-        float* acc = acc_rows + r * dv + d0 + g * kAmxValueDims;
-        const vfloat sum = load_lanes(sums + r * 2 * kTileRows + g * kTileRows) + load_lanes(acc);
-        std::memcpy(acc, &sum, sizeof(sum));
-      }
-    }
+    tile_store<5>(acc_rows + d0, acc_stride);
+    if (two) tile_store<7>(acc_rows + d0 + kAmxValueDims, acc_stride);
   }
 }
 
 // acc[r][0 .. dv) += sum over lanes j in a0 .. a1 - 1 (a0 even, a1 - a0 a multiple of 32, at most kChunk) of
-// weight[r][j] * value of page token j0 + j, for every row r; p16 (tile_rows(rows) x kChunk bf16) and sums
-// (16 x 32 fp32) are scratch. Every value read is a written one (inside the run), so a weight of 0 never meets NaN.
+// weight[r][j] * value of page token j0 + j, for every row r; p16 (tile_rows(rows) x kChunk bf16) is scratch, and
+// acc_rows holds tile_rows(rows) rows (the padding rows get weight 0 and are never read). Every value read is a
+// written one (inside the run), so a weight of 0 never meets NaN.
 void value_run_tiles(const c10::BFloat16* vpage, int64_t block_size, int64_t j0, int64_t a0, int64_t a1,
-                     int64_t rows, int64_t dv, const vfloat* weights, float* acc_rows, uint16_t* p16, float* sums) {
+                     int64_t rows, int64_t dv, const vfloat* weights, float* acc_rows, uint16_t* p16) {
   const int64_t padded = tile_rows(rows);
   for (int64_t r = 0; r < padded; ++r) {
     for (int64_t v = a0 / kLanes; v * kLanes < a1; ++v) {
@@ -795,13 +791,12 @@ void value_run_tiles(const c10::BFloat16* vpage, int64_t block_size, int64_t j0,
   }
   for (int64_t r0 = 0; r0 < rows; r0 += kTileRows) {
     const uint16_t* p = p16 + r0 * kChunk + a0;
-    const int64_t n = std::min(rows - r0, kTileRows);
     float* acc = acc_rows + r0 * dv;
     switch ((a1 - a0) / kTileDepth) {
-      case 4: value_rows_tiles<4>(vpage, block_size, j0 + a0, dv, p, n, acc, sums); break;
-      case 3: value_rows_tiles<3>(vpage, block_size, j0 + a0, dv, p, n, acc, sums); break;
-      case 2: value_rows_tiles<2>(vpage, block_size, j0 + a0, dv, p, n, acc, sums); break;
-      default: value_rows_tiles<1>(vpage, block_size, j0 + a0, dv, p, n, acc, sums); break;
+      case 4: value_rows_tiles<4>(vpage, block_size, j0 + a0, dv, p, acc); break;
+      case 3: value_rows_tiles<3>(vpage, block_size, j0 + a0, dv, p, acc); break;
+      case 2: value_rows_tiles<2>(vpage, block_size, j0 + a0, dv, p, acc); break;
+      default: value_rows_tiles<1>(vpage, block_size, j0 + a0, dv, p, acc); break;
     }
   }
 }
@@ -950,7 +945,7 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
         a1 = a0 + (hi - a0) / kTileDepth * kTileDepth;
         if (a1 > a0) {
           value_run_tiles(vpage, p.block_size, j0, a0, a1, rows, dv, w.scores.data(), w.acc_s.data(),
-                          w.p16.data(), w.tile_sums.data());
+                          w.p16.data());
         } else {
           a0 = a1 = hi;
         }
