@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import os
 import shlex
 import statistics
 import sys
@@ -41,7 +40,7 @@ from typing import Any
 import torch
 from _report import describe, fmt, line_panels, machine_info, print_table, write_results
 
-from hogwild_vllm.ops import AMX_TILES_ENV, SegmentTable, cpu_amx_tiles, hogwild_attention
+from hogwild_vllm.ops import SegmentTable, amx_tiles_switched_off, cpu_amx_tiles, hogwild_attention
 from hogwild_vllm.ops.layouts import amx_pages, amx_unpacked, cpu_page_views
 from hogwild_vllm.rope import DeltaRope, RopeSpec
 
@@ -170,15 +169,8 @@ class PagedCase:
         """One call of ``hogwild_attention`` (``impl`` = ext | ext_vectors | reference) over the cache views;
         ``ext_vectors`` is the compiled op with its AMX tiles switched off for this call."""
         if impl == "ext_vectors":
-            previous = os.environ.get(AMX_TILES_ENV)
-            os.environ[AMX_TILES_ENV] = "0"
-            try:
+            with amx_tiles_switched_off():
                 return self.hogwild(table, "ext")
-            finally:
-                if previous is None:
-                    del os.environ[AMX_TILES_ENV]
-                else:
-                    os.environ[AMX_TILES_ENV] = previous
         out = hogwild_attention(self.query, self.key_view, self.value_view, self.block_tables, table, self.rope,
                                 self.scale, impl=impl, packing=self.packing)
         assert isinstance(out, torch.Tensor)

@@ -16,12 +16,9 @@ same cases in tests/test_triton_attention.py.
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
 import random
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -39,7 +36,13 @@ from attention_cases import (
     table_from_views,
 )
 
-from hogwild_vllm.ops import AMX_TILES_ENV, SegmentTable, cpu_amx_tiles, hogwild_attention, hogwild_attention_reference
+from hogwild_vllm.ops import (
+    SegmentTable,
+    amx_tiles_switched_off,
+    cpu_amx_tiles,
+    hogwild_attention,
+    hogwild_attention_reference,
+)
 from hogwild_vllm.ops._ext import load_ops
 from hogwild_vllm.ops.layouts import AMX_ALIGN, amx_pack_, amx_pages, cpu_page_views
 
@@ -131,43 +134,34 @@ def repack(sc: Scenario, packing: str) -> tuple[torch.Tensor, torch.Tensor]:
     return key, value
 
 
-@contextlib.contextmanager
-def amx_tiles_off(off: bool) -> Iterator[None]:
-    """HOGWILD_CPU_AMX_TILES=0 inside (the op reads it every call), put back after."""
-    before = os.environ.get(AMX_TILES_ENV)
-    if off:
-        os.environ[AMX_TILES_ENV] = "0"
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(AMX_TILES_ENV, None)
-        else:
-            os.environ[AMX_TILES_ENV] = before
-
-
 def run_op(sc: Scenario, rope: TestRope, scale: float, packing: str = "contiguous",
            ) -> tuple[torch.Tensor, torch.Tensor]:
     key, value = repack(sc, packing)
-    with amx_tiles_off(packing == "vllm-amx-vectors"):
+    with amx_tiles_switched_off(packing == "vllm-amx-vectors"):
         out, lse = hogwild_attention(sc.query.to(DEVICE), key, value, sc.block_tables.to(DEVICE),
                                      sc.table.to(DEVICE), rope.to(DEVICE), scale, return_lse=True, impl=IMPL,
                                      packing=OP_PACKING[packing])
     return out.cpu(), lse.cpu()
 
 
-@pytest.mark.parametrize(("head_size", "gqa_ratio", "block_size", "num_workers", "case", "packing"), MAIN_GRID,
-                         ids=case_id)
-def test_op_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int, num_workers: int,
-                                 case: tuple[str, torch.dtype], packing: str, rng: random.Random) -> None:
+def check_grid_case(head_size: int, gqa_ratio: int, block_size: int, num_workers: int, case: tuple[str, torch.dtype],
+                    packing: str, rng: random.Random, prompt_lengths: tuple[int, int] = (1, 100)) -> None:
+    """One case of a combined-layout grid: the op on ``packing`` against the fp32 oracle."""
     rope_style, dtype = case
     rope = make_rope("double", rope_style, head_size)
     assert isinstance(rope, TestRope)
-    sc = build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, rng)
+    sc = build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, rng, prompt_lengths)
     scale = head_size**-0.5
     out, lse = run_op(sc, rope, scale, packing)
     assert out.dtype == dtype and out.shape == sc.query.shape and lse.dtype == torch.float32
     assert_matches_oracle(out, lse, sc, rope, scale, packing)
+
+
+@pytest.mark.parametrize(("head_size", "gqa_ratio", "block_size", "num_workers", "case", "packing"), MAIN_GRID,
+                         ids=case_id)
+def test_op_matches_dense_oracle(head_size: int, gqa_ratio: int, block_size: int, num_workers: int,
+                                 case: tuple[str, torch.dtype], packing: str, rng: random.Random) -> None:
+    check_grid_case(head_size, gqa_ratio, block_size, num_workers, case, packing, rng)
 
 
 # Prompts of 260-700 tokens in 128-token blocks: long segments whose rows see whole aligned runs of keys (the CPU
@@ -181,13 +175,7 @@ LONG_GRID = [case for case in itertools.product(HEAD_SIZES, [1, 4], [128], [1, 4
 def test_op_matches_dense_oracle_on_long_prompts(head_size: int, gqa_ratio: int, block_size: int, num_workers: int,
                                                  case: tuple[str, torch.dtype], packing: str,
                                                  rng: random.Random) -> None:
-    rope_style, dtype = case
-    rope = make_rope("double", rope_style, head_size)
-    assert isinstance(rope, TestRope)
-    sc = build_scenario(num_workers, block_size, NUM_KV_HEADS * gqa_ratio, dtype, rope, rng, prompt_lengths=(260, 700))
-    scale = head_size**-0.5
-    out, lse = run_op(sc, rope, scale, packing)
-    assert_matches_oracle(out, lse, sc, rope, scale, packing)
+    check_grid_case(head_size, gqa_ratio, block_size, num_workers, case, packing, rng, prompt_lengths=(260, 700))
 
 
 # Value sizes that are not a whole number of the op's two-vector value chunks (16 fp32 lanes with AVX-512, 8 with

@@ -597,9 +597,10 @@ void accumulate_run_values(const HogwildAttentionParams<scalar_t>& p, const scal
 // from the cache: scores = queries (rounded to bf16 once per segment) x 16 keys per tile, value sums = weights
 // (rounded to bf16) x 32 tokens' values per tile, fp32 accumulation in the tiles. The softmax, its masks and the
 // rescaling stay on fp32 vectors, as on the other paths. Rows are processed 16 at a time (a tile's rows); the
-// buffers hold a whole number of 16-row blocks (the rows past the last one are zero and their results unused).
-// Chosen at run time (AMX-capable CPU, the kernel's permission for tile state, HOGWILD_CPU_AMX_TILES not "0");
-// every tile function sets and restores the thread's tile configuration, which vLLM's own kernel also uses.
+// buffers hold a whole number of 16-row blocks (the rows past the last real one carry weight 0 into the value sums,
+// and their scores and sums are never read). Chosen at run time (AMX-capable CPU, the kernel's permission for tile
+// state, HOGWILD_CPU_AMX_TILES not "0"); each thread sets its tile configuration for its share of a call and puts
+// back the one it found (vLLM's own kernel keeps one between calls).
 #if defined(HOGWILD_AMX_TILES)
 // lanes (fp32) -> bf16 bits, rounded to nearest even (finite inputs).
 inline void store_bf16(vfloat v, uint16_t* dst) {

@@ -19,9 +19,11 @@ On CPUs with AMX tiles the compiled op multiplies bf16 ``amx`` pages with them (
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -92,6 +94,22 @@ def cpu_amx_tiles() -> bool:
     return has_ext() and bool(load_ops().cpu_amx_tiles())
 
 
+@contextlib.contextmanager
+def amx_tiles_switched_off(off: bool = True) -> Iterator[None]:
+    """Inside (when ``off``), the compiled CPU op keeps bf16 amx pages on fp32 vectors: ``HOGWILD_CPU_AMX_TILES=0``,
+    which the op reads on every call; the variable's previous value is put back after (tests, benchmarks)."""
+    before = os.environ.get(AMX_TILES_ENV)
+    if off:
+        os.environ[AMX_TILES_ENV] = "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(AMX_TILES_ENV, None)
+        else:
+            os.environ[AMX_TILES_ENV] = before
+
+
 def hogwild_attention(query: torch.Tensor, key_cache: torch.Tensor, value_cache: torch.Tensor,
                       block_tables: torch.Tensor, table: SegmentTable, rope: DeltaRotation, scale: float,
                       out: torch.Tensor | None = None, return_lse: bool = False, impl: str | None = None,
@@ -152,6 +170,7 @@ __all__ = [
     "DeltaRotation",
     "DenseView",
     "SegmentTable",
+    "amx_tiles_switched_off",
     "attention_impl",
     "cpu_amx_tiles",
     "dense_view_attention_reference",
