@@ -32,34 +32,54 @@ class Sizing:
     """What a group holds for its whole life, reserved at admission so it never allocates or is preempted."""
 
     tmax: int  # per-worker token slots after the prompt (max_tokens, the longest step header, one spare)
-    blocks: int  # KV blocks: the prompt request's (C + glue) plus each worker's own, C's full blocks shared
+    blocks: int  # KV blocks: the prompt request's (C + glue) plus each worker's own, C's blocks shared
     rows: int  # batch rows (one per worker; pass 0 uses one)
     widest_pass: int  # the most tokens one step of the group feeds
     longest_view: int  # the largest view a query can sit in (positions), bounded by max_model_len
     block_size: int  # of the KV cache it was sized for
+    log_start: int  # natural position of each worker's own token 0: the first block boundary at or after |C|
 
 
 def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def worker_log_start(prompt_len: int, block_size: int) -> int:
+    """Where worker logs start in the engine: the first KV block boundary at or after the prompt's end. A worker
+    request holds C's blocks (shared with the prompt request, the last, partial one included, which the worker
+    only reads) and then blocks of its own from their first slot: at most one partial block a worker (its last)
+    instead of two (a copy of C's partial last block, mostly unused, and its last)."""
+    return cdiv(prompt_len, block_size) * block_size
+
+
+def engine_state(cfg: GroupConfig, prompt_len: int, codec: TokenCodec, block_size: int) -> GroupState:
+    """A new group's state as an engine with ``block_size``-token KV blocks runs it (worker logs on a boundary)."""
+    return GroupState(cfg, prompt_len, codec, log_start=worker_log_start(prompt_len, block_size))
+
+
 def size_group(cfg: GroupConfig, state: GroupState, codec: TokenCodec, block_size: int) -> Sizing:
-    p, n, g = state.prompt_len, cfg.workers, len(state.glue_tokens)
+    """What ``state``'s group holds in an engine with ``block_size``-token KV blocks. Worker logs must start where
+    the engine puts them (``state.log_start == worker_log_start(...)``)."""
+    p, n, g, start = state.prompt_len, cfg.workers, len(state.glue_tokens), state.log_start
+    if start != worker_log_start(p, block_size):
+        raise ValueError(f"worker logs start at {start}, not at the block boundary "
+                         f"{worker_log_start(p, block_size)} after the {p}-token prompt (block size {block_size})")
     header = max(len(codec.encode(cfg.templates.header_text(name, cfg.max_tokens + 1, True)))
                  for name in cfg.worker_names)
     longest_start = max(len(log.tokens) for log in state.workers)
     tmax = max(cfg.max_tokens, longest_start) + header + 1
-    blocks = cdiv(p + g, block_size) + n * (cdiv(p + tmax, block_size) - p // block_size)
+    blocks = cdiv(p + g, block_size) + n * cdiv(tmax, block_size)
     widest = max(sum(len(log.tokens) for log in state.workers), n * (header + 1), g + 1)
-    return Sizing(tmax, blocks, n, widest, state.longest_view(tmax), block_size)
+    return Sizing(tmax, blocks, n, widest, state.longest_view(tmax), block_size, start)
 
 
 def fit_problems(cfg: GroupConfig, prompt_len: int, size: Sizing, limits: EngineLimits) -> list[str]:
     """Why a group cannot run on an engine, each naming the setting it exceeds (empty when it fits)."""
     problems = []
-    if prompt_len + size.tmax > limits.max_model_len:
-        problems.append(f"the prompt ({prompt_len} tokens) plus a worker's budget ({size.tmax} token slots: "
-                        f"max_tokens {cfg.max_tokens} + the longest step header + 1) exceeds max_model_len "
+    if size.log_start + size.tmax > limits.max_model_len:
+        problems.append(f"the prompt ({prompt_len} tokens, rounded up to {size.log_start}: worker logs start on a "
+                        f"KV block boundary) plus a worker's budget ({size.tmax} token slots: max_tokens "
+                        f"{cfg.max_tokens} + the longest step header + 1) exceeds max_model_len "
                         f"{limits.max_model_len}")
     if size.longest_view > limits.max_model_len:  # queries sit at view positions: the whole group must fit
         problems.append(f"a worker's view can reach {size.longest_view} positions (the prompt, {cfg.workers} "

@@ -1,7 +1,8 @@
 """The group state machine: worker logs, steps, commits, forced tokens, and every worker's view as segments.
 
 Pure Python over token ids. Natural positions: prompt token i sits at i; worker w's own token i at
-``prompt_len + i``; glue token j at ``prompt_len + j``. A :class:`Segment` places a run of one source's tokens
+``log_start + i`` (``log_start`` is ``prompt_len`` unless the engine starts worker logs on a KV block boundary);
+glue token j at ``prompt_len + j``. A :class:`Segment` places a run of one source's tokens
 at consecutive view positions, so its position delta is ``view_start - start``.
 
 Driving loop (the reference engine and the vLLM scheduler both do this)::
@@ -128,12 +129,17 @@ class WorkerLog:
 class GroupState:
     """One group's logs and history; builds each pass's feeds and views."""
 
-    def __init__(self, cfg: GroupConfig, prompt_len: int, codec: TokenCodec) -> None:
+    def __init__(self, cfg: GroupConfig, prompt_len: int, codec: TokenCodec, log_start: int | None = None) -> None:
+        """``log_start``: the natural position of every worker's own token 0 (default ``prompt_len``; a later start
+        leaves positions ``prompt_len..log_start-1`` of every worker log empty: no token, no key)."""
         if prompt_len < 1:
             raise ValueError("the common prompt must hold at least one token")
+        if log_start is not None and log_start < prompt_len:
+            raise ValueError(f"worker logs cannot start at {log_start}, inside the {prompt_len}-token prompt")
         self.cfg = cfg
         self.tpl = cfg.templates
         self.prompt_len = prompt_len
+        self.log_start = prompt_len if log_start is None else log_start
         self.codec = codec
         self._token_text: dict[int, str] = {}
         self.workers = [WorkerLog(name) for name in cfg.worker_names]
@@ -177,7 +183,7 @@ class GroupState:
         if self._shared_steps > len(self.history):  # never done by this class: start again from the prompt
             self._shared, self._shared_steps = self._shared[:1], 0
         out = list(self._shared)
-        _extend(out, ((v, self.prompt_len + a, b - a) for v, a, b in self.history[self._shared_steps:]))
+        _extend(out, ((v, self.log_start + a, b - a) for v, a, b in self.history[self._shared_steps:]))
         self._shared, self._shared_steps = tuple(out), len(self.history)
         return self._shared
 
@@ -185,7 +191,7 @@ class GroupState:
         """(v, runs) for each worker v, in index order, whose tokens its peers' views place after the shared start:
         combined, its uncommitted step then the unfinished marker (none while the step is empty); contiguous, its
         whole log; interleaved, none."""
-        p = self.prompt_len
+        p = self.log_start
         if self.cfg.layout is Layout.CONTIGUOUS:
             return [(v, ((v, p, len(log.tokens)),)) for v, log in enumerate(self.workers)]
         if self.cfg.layout is Layout.INTERLEAVED:
@@ -219,10 +225,10 @@ class GroupState:
         w's own part (the own header and uncommitted step, or the whole log in the contiguous layout)."""
         me = self.workers[w]
         if self.cfg.layout is Layout.CONTIGUOUS:
-            own: list[Run] = [(w, self.prompt_len, len(me.tokens))]
+            own: list[Run] = [(w, self.log_start, len(me.tokens))]
         else:
             own = [self._glue_runs.get("own_header", NO_RUN),
-                   (w, self.prompt_len + me.step_start, len(me.tokens) - me.step_start)]
+                   (w, self.log_start + me.step_start, len(me.tokens) - me.step_start)]
         span = common.spans.get(w)
         if span is None:  # w has no runs there: all of it
             cut = len(common.segments)
@@ -259,7 +265,7 @@ class GroupState:
         and how many of the view's first segments are those of the pass's common sequence (:class:`_Common`)."""
         plans = []
         common = self._common()
-        p = self.prompt_len
+        p = self.log_start
         for w, log in enumerate(self.workers):
             view, shared = self._view(w, common)
             positions = [(p + i, _view_pos(view, w, p + i)) for i in range(log.fed, len(log.tokens))]

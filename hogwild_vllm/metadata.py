@@ -17,7 +17,8 @@ by benchmarks/bench_planning.py).
 
 Storage of a group in vLLM (``docs/architecture.md``, "A group's life in the engine"): the group's prompt request
 holds the common prompt C at positions ``0..|C|-1`` and glue token ``j`` at ``|C| + j``; worker ``w``'s own token
-``i`` sits at position ``|C| + i`` of worker ``w``'s request. These are exactly the layout's natural positions, so
+``i`` sits at position ``log_start + i`` of worker ``w``'s request (``log_start``: the first KV block boundary at
+or after ``|C|``, ``group.worker_log_start``). These are exactly the layout's natural positions, so
 a segment keeps its ``start`` and only its source changes: ``PROMPT`` and ``GLUE`` -> the prompt request's id,
 ``w`` -> worker w's id.
 

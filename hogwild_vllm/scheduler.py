@@ -48,8 +48,7 @@ from vllm.v1.request import Request, RequestStatus
 from hogwild_vllm import compat
 from hogwild_vllm.config import GroupConfig
 from hogwild_vllm.finisher import Finishers
-from hogwild_vllm.group import EngineLimits, Group, fit_problems, size_group
-from hogwild_vllm.layout import GroupState
+from hogwild_vllm.group import EngineLimits, Group, engine_state, fit_problems, size_group
 from hogwild_vllm.metadata import HogwildStepMeta, RowPlan, unscheduled_sources
 from hogwild_vllm.metrics import EngineMetrics, MetricsWriter
 from hogwild_vllm.outputs import GroupOutput, group_output
@@ -172,7 +171,7 @@ class HogwildScheduler(Scheduler):
         if request.lora_request is not None or request.mm_features:
             raise ValueError("hogwild: LoRA and multimodal inputs are not supported for group requests")
         codec = self.codec
-        state = GroupState(cfg, len(prompt), codec)
+        state = engine_state(cfg, len(prompt), codec, self.block_size)
         params = request.sampling_params
         eos = set(self.eos_ids) | set(params.all_stop_token_ids if params else ())
         banned = banned_token_ids(codec.tokenizer, cfg, sorted(eos))
@@ -239,10 +238,14 @@ class HogwildScheduler(Scheduler):
         g = e.group
         assert g is not None
         kv = self.kv_cache_manager
-        p = len(g.prompt)
+        p, start = len(g.prompt), g.size.log_start
         e.prompt_req = self._child(e, g.prompt_id, g.prompt + g.state.glue_tokens, 1, worker=None)
+        # A worker's log starts on a block boundary: the positions between C's end and it hold a filler token
+        # (C's last, so the prompt's token set, which repetition penalties read, is unchanged) that is never
+        # computed, written or read.
+        gap = [g.prompt[-1]] * (start - p)
         for w, (wid, log) in enumerate(zip(g.worker_ids, g.state.workers, strict=True)):
-            e.workers.append(self._child(e, wid, g.prompt + log.tokens, g.size.tmax, worker=w))
+            e.workers.append(self._child(e, wid, g.prompt + gap + log.tokens, g.size.tmax, worker=w))
         owner = e.prompt_req
         # The common prompt's start may be in the prefix cache (another group's, or a plain request's): adopt
         # those blocks; pass 0 computes the rest. At most p - 1 tokens: the last chunk carries the glue.
@@ -250,9 +253,9 @@ class HogwildScheduler(Scheduler):
         compat.reserve(kv, owner, owner.num_tokens - hit.tokens, hit)
         owner.num_computed_tokens = hit.tokens
         g.start_from_cache(hit.tokens)
-        for child in e.workers:
-            compat.share_blocks(kv, owner.request_id, child.request_id, p // self.block_size)
-            child.num_computed_tokens = p
+        for child in e.workers:  # C's blocks, its partial last one included (read, never written, by workers)
+            compat.share_blocks(kv, owner.request_id, child.request_id, start // self.block_size)
+            child.num_computed_tokens = start
             compat.reserve(kv, child, g.size.tmax)
         for child in e.children():
             child.status = RequestStatus.RUNNING

@@ -114,15 +114,14 @@ def check_group_fits(processed_inputs: Any, params: Any) -> None:
         return
     from vllm.tokenizers import cached_tokenizer_from_config
 
-    from hogwild_vllm.group import EngineLimits, fit_problems, size_group
-    from hogwild_vllm.layout import GroupState
+    from hogwild_vllm.group import EngineLimits, engine_state, fit_problems, size_group
     from hogwild_vllm.prompt import HFCodec
 
     cfg = parse_request(params)
     assert cfg is not None
     codec = HFCodec(cached_tokenizer_from_config(config.model_config))
     block_size = int(config.cache_config.block_size)
-    size = size_group(cfg, GroupState(cfg, len(prompt), codec), codec, block_size)
+    size = size_group(cfg, engine_state(cfg, len(prompt), codec, block_size), codec, block_size)
     scheduler = config.scheduler_config
     limits = EngineLimits(int(config.model_config.max_model_len), block_size, sys.maxsize,
                           int(scheduler.max_num_seqs), int(scheduler.max_num_batched_tokens))

@@ -9,7 +9,16 @@ import pytest
 from test_layout import CharCodec
 
 from hogwild_vllm.config import GroupConfig
-from hogwild_vllm.group import EngineLimits, Group, cdiv, fit_problems, pass0_end, size_group
+from hogwild_vllm.group import (
+    EngineLimits,
+    Group,
+    cdiv,
+    engine_state,
+    fit_problems,
+    pass0_end,
+    size_group,
+    worker_log_start,
+)
 from hogwild_vllm.layout import GroupState
 
 TEMPLATES = {"step_separator": "\n", "answer_marker": "ANSWER{", "system_prompt": "Team {names}."}
@@ -18,7 +27,7 @@ TEMPLATES = {"step_separator": "\n", "answer_marker": "ANSWER{", "system_prompt"
 def make_group(workers: int = 3, prompt_len: int = 50, max_tokens: int = 40, **options) -> Group:
     cfg = GroupConfig.from_dict({"workers": workers, "max_tokens": max_tokens, "templates": TEMPLATES, **options})
     codec = CharCodec()
-    state = GroupState(cfg, prompt_len, codec)
+    state = engine_state(cfg, prompt_len, codec, block_size=16)
     size = size_group(cfg, state, codec, block_size=16)
     return Group(cfg, list(range(prompt_len)), state, [], size, "g::prompt", [f"g::w{w}" for w in range(workers)])
 
@@ -29,9 +38,36 @@ def test_sizing_counts_the_shared_prompt_once():
     longest_intro = max(len(log.tokens) for log in g.state.workers)
     assert g.size.tmax == max(40, longest_intro) + header + 1
     glue = len(g.state.glue_tokens)
-    # The prompt request's blocks (C + glue), then each worker's blocks past C's full ones (shared).
-    assert g.size.blocks == cdiv(50 + glue, 16) + 3 * (cdiv(50 + g.size.tmax, 16) - 50 // 16)
+    # The prompt request's blocks (C + glue), then each worker's own blocks from the boundary after C (C's blocks,
+    # the partial last one included, shared).
+    assert g.size.log_start == g.state.log_start == 64
+    assert g.size.blocks == cdiv(50 + glue, 16) + 3 * cdiv(g.size.tmax, 16)
     assert g.size.rows == 3 and g.size.longest_view == g.state.longest_view(g.size.tmax)
+
+
+@pytest.mark.parametrize("prompt_len", [1, 15, 16, 17, 50, 64, 200])
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_blocks_are_unique_tokens_plus_one_partial_block_a_log(prompt_len, workers):
+    g = make_group(workers=workers, prompt_len=prompt_len, max_tokens=37)
+    slots = prompt_len + len(g.state.glue_tokens) + workers * g.size.tmax  # every token slot the group reserves
+    # Whole blocks of those slots, plus at most one partial block for C + glue and one for each worker log.
+    assert g.size.blocks <= slots // 16 + 1 + workers
+    assert g.size.blocks >= cdiv(slots, 16)
+    assert g.size.log_start % 16 == 0 and 0 <= g.size.log_start - prompt_len < 16
+    assert all(n == g.size.log_start for n, _ in g.state.plan_pass()[0].positions[:1])
+
+
+def test_worker_log_start_is_the_next_block_boundary():
+    assert [worker_log_start(p, 16) for p in (1, 15, 16, 17, 32, 33)] == [16, 16, 16, 32, 32, 48]
+    assert worker_log_start(3400, 128) == 3456 and worker_log_start(1024, 128) == 1024
+
+
+def test_sizing_refuses_logs_off_the_engine_boundary():
+    cfg = GroupConfig.from_dict({"workers": 2, "max_tokens": 10, "templates": TEMPLATES})
+    with pytest.raises(ValueError, match="not at the block boundary 64"):
+        size_group(cfg, GroupState(cfg, 50, CharCodec()), CharCodec(), block_size=16)
+    with pytest.raises(ValueError, match="inside the 50-token prompt"):
+        GroupState(cfg, 50, CharCodec(), log_start=49)
 
 
 def test_fit_problems_name_each_limit():

@@ -800,3 +800,34 @@ def test_random_scripts(sc: dict) -> None:
     if cfg.layout is not Layout.CONTIGUOUS:
         event(f"commits={min(len(state.history), 5)}{'+' if len(state.history) >= 5 else ''}")
     event(f"check question forced={any(cfg.templates.check_question in log.text for log in state.workers)}")
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios(), st.integers(1, 200))
+def test_a_later_log_start_moves_only_worker_naturals(sc: dict, gap: int) -> None:
+    """Worker logs started ``gap`` positions after the prompt (as the engine starts them, on a block boundary):
+    every view and query equals the default state's, but for the natural positions of worker tokens, ``gap``
+    later. Attention depends on deltas only, so this changes what is computed by nothing but rounding."""
+    cfg = GroupConfig(workers=sc["workers"], worker_names=sc["names"], layout=sc["layout"], templates=sc["templates"],
+                      collab_check_every=sc["collab_check_every"], max_tokens=sc["max_tokens"])
+    base = GroupState(cfg, sc["prompt_len"], MERGE)
+    moved = GroupState(cfg, sc["prompt_len"], MERGE, log_start=sc["prompt_len"] + gap)
+
+    def shift(seg: Segment) -> Segment:
+        return Segment(seg.source, seg.start + gap, seg.length, seg.view_start) if seg.source >= 0 else seg
+
+    assert moved.glue_views() == base.glue_views()
+    for texts in [*sc["script"], None]:
+        want, got = base.plan_pass(), moved.plan_pass()
+        for w, (a, b) in enumerate(zip(want, got, strict=True)):
+            assert b.tokens == a.tokens and b.common == a.common
+            assert [Segment(*s) for s in b.view] == [shift(Segment(*s)) for s in a.view]
+            assert b.positions == [(n + gap, v) for n, v in a.positions]
+            assert moved.view(w) == [shift(s) for s in base.view(w)]
+        if texts is None or base.finished:
+            break
+        ids = [MERGE.id(t) for t in texts]
+        for state in (base, moved):
+            state.mark_fed()
+            state.on_sampled(ids)
+        assert moved.transcript() == base.transcript() and moved.history == base.history

@@ -195,6 +195,45 @@ def test_abort_at_any_stage_frees_every_block(tiny, steps):
     assert pool.get_num_free_blocks() == free0
 
 
+@pytest.mark.parametrize(("words", "gap"), [(5, 0), (8, 7)])  # 16 prompt tokens (C ends on a boundary), 25
+def test_worker_logs_start_on_a_block_boundary_sharing_the_prompts_blocks(tiny, words, gap):
+    """At admission the group takes exactly ``size.blocks``: each worker holds C's blocks (the prompt request's,
+    its partial last one included) then blocks of its own from their first slot; its own tokens start at the
+    boundary (the positions between C's end and it are never computed)."""
+    sched = make_scheduler(tiny, num_blocks=200)
+    pool = sched.kv_cache_manager.block_pool
+    free0 = pool.get_num_free_blocks()
+    prompt = prompt_ids(sched, "Add. " * words)
+    sched.add_request(group_request("g", prompt, workers=3, max_tokens=40))
+    runner = FakeRunner(sched)
+    out = sched.schedule()
+    entry = sched._entries["g"]
+    g = entry.group
+    assert g is not None and entry.admitted
+    p, start = len(g.prompt), g.size.log_start
+    assert start % BLOCK == 0 and start - p == gap
+    assert free0 - pool.get_num_free_blocks() == g.size.blocks
+    blocks = {c.request_id: [b.block_id for b in sched.kv_cache_manager.coordinator.single_type_managers[0]
+                             .req_to_blocks[c.request_id]] for c in entry.children()}
+    owner = blocks[g.prompt_id]
+    assert len(owner) == -(-(p + len(g.state.glue_tokens)) // BLOCK)
+    own: set[int] = set()
+    for w, wid in enumerate(g.worker_ids):
+        child = entry.workers[w]
+        assert blocks[wid][: start // BLOCK] == owner[: start // BLOCK]
+        assert len(blocks[wid]) == start // BLOCK + -(-g.size.tmax // BLOCK)
+        own |= set(blocks[wid][start // BLOCK:])
+        assert child.num_computed_tokens == start and child.all_token_ids[start:] == g.state.workers[w].tokens
+    assert len(own) == 3 * -(-g.size.tmax // BLOCK) and not own & set(owner)  # no worker block is shared
+    sched.update_from_output(out, runner(out))
+    fed = dict.fromkeys(g.worker_ids, 0)
+    for out, _ in run(sched):  # each worker row's queries sit where its request's positions are: start + fed
+        for rid in set(out.hogwild.rows) & set(fed):
+            assert out.hogwild.rows[rid].first_natural == start + fed[rid]
+            fed[rid] += out.num_scheduled_tokens[rid]
+    assert min(fed.values()) >= 39 and pool.get_num_free_blocks() == free0  # the last sample is never fed
+
+
 def test_group_that_cannot_fit_gets_an_error_output(tiny):
     sched = make_scheduler(tiny, num_blocks=200)
     sched.add_request(group_request("big", prompt_ids(sched, "x " * 10), workers=2, max_tokens=600))
