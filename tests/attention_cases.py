@@ -136,11 +136,12 @@ class Layout:
     queries: list[list[tuple[int, int]]]  # per view: (natural, view) position of each query token
 
 
-def combined_layout(num_workers: int, rng: random.Random, prompt_lengths: tuple[int, int] = (1, 100)) -> Layout:
+def combined_layout(num_workers: int, rng: random.Random, prompt_lengths: tuple[int, int] = (1, 100),
+                    prefill_tail: int = 3) -> Layout:
     """Sequence 0 is the prompt (a length drawn from ``prompt_lengths``), 1..N the worker logs (prompt, then own
     tokens), N + 1 the glue strings. View w - 1 is worker w's: C . history . header . (peer step . marker)* .
-    header . own step (causal queries). View N prefills the prompt's tail. One or two empty segments are dropped at
-    random places in every view."""
+    header . own step (causal queries). View N prefills the prompt's last ``prefill_tail`` tokens (causal). One or
+    two empty segments are dropped at random places in every view."""
     prompt, workers, glue = rng.randint(*prompt_lengths), range(1, num_workers + 1), num_workers + 1
     glue_start = dict(zip(GLUE, [prompt + sum(list(GLUE.values())[:i]) for i in range(len(GLUE))], strict=True))
     glue_seg = {name: (glue, glue_start[name], GLUE[name]) for name in GLUE}
@@ -168,7 +169,7 @@ def combined_layout(num_workers: int, rng: random.Random, prompt_lengths: tuple[
                         for j in range(current[w] - num_queries[w], current[w])])
         views.append(view)
     views.append([(0, 0, prompt)])
-    queries.append([(i, i) for i in range(max(0, prompt - 3), prompt)])
+    queries.append([(i, i) for i in range(max(0, prompt - prefill_tail), prompt)])
     for view in views:
         for _ in range(rng.randint(1, 2)):
             seq = rng.randrange(len(lengths))
@@ -231,8 +232,9 @@ def make_scenario(layout: Layout, rope: DeltaRotation, block_size: int, num_head
 
 
 def build_scenario(num_workers: int, block_size: int, num_heads: int, dtype: torch.dtype, rope: DeltaRotation,
-           rng: random.Random, prompt_lengths: tuple[int, int] = (1, 100)) -> Scenario:
-    return make_scenario(combined_layout(num_workers, rng, prompt_lengths), rope, block_size, num_heads, dtype, rng)
+           rng: random.Random, prompt_lengths: tuple[int, int] = (1, 100), prefill_tail: int = 3) -> Scenario:
+    return make_scenario(combined_layout(num_workers, rng, prompt_lengths, prefill_tail), rope, block_size, num_heads,
+                         dtype, rng)
 
 
 def oracle(sc: Scenario, rope: DeltaRotation, scale: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -179,6 +179,34 @@ inline vfloat exp_nonpositive(vfloat x) {
 }
 inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
 
+// The same with a degree-4 polynomial (rel. error ~3e-6, 2 FMAs fewer): for weights rounded to bf16 (rel. error up
+// to 4e-3) before they multiply anything; the row's sum takes the same unrounded values.
+inline vfloat exp_nonpositive_for_bf16(vfloat x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const vfloat t = x * 1.44269504088896341f;
+#if defined(__AVX512F__)
+  const __m512 k = _mm512_maskz_roundscale_ps(0xFFFF, reinterpret_cast<__m512>(t),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vfloat f = t - reinterpret_cast<vfloat>(k);
+#else
+  const vfloat k = (t + 12582912.0f) - 12582912.0f;
+  const vfloat f = t - k;
+#endif
+  vfloat p = splat(9.570100784334288e-3f);
+  p = p * f + 5.591786531460563e-2f;
+  p = p * f + 2.402474489995212e-1f;
+  p = p * f + 6.931218141366835e-1f;
+  p = p * f + 9.999992614102028e-1f;
+#if defined(__AVX512F__)
+  return reinterpret_cast<vfloat>(_mm512_maskz_scalef_ps(0xFFFF, reinterpret_cast<__m512>(p), k));
+#else
+  const vint bits = (__builtin_convertvector(k, vint) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+#endif
+}
+
 // Horizontal max and sum, as trees of shuffles where the ISA has them (a lane-by-lane loop is a long dependency
 // chain, paid once per run and row).
 #if defined(__AVX2__)
@@ -516,6 +544,14 @@ inline void accumulate_value_rows(const HogwildAttentionParams<scalar_t>& p, con
   }
 }
 
+// lanes (fp32) -> bf16 bits, rounded to nearest even (finite inputs).
+inline void store_bf16(vfloat v, uint16_t* dst) {
+  vbits bits = reinterpret_cast<vbits>(v);
+  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+  const vhalfbits h = __builtin_convertvector(bits, vhalfbits);
+  std::memcpy(dst, &h, sizeof(h));
+}
+
 // A row's softmax state after a run whose weights exp(score - m_new) sum (lane-wise) to `total`: the earlier sum
 // and the row's value sums acc[0 .. dv) rescaled to the new max, and not at all when the max held (exp(0) is 1
 // exactly, so skipping it changes nothing).
@@ -531,9 +567,12 @@ inline void fold_run(hogwild::SoftmaxState& st, float m_new, vfloat total, float
 // Folds the scores of one run into the online softmax of each of the `rows` rows: lanes lo .. hi - 1 are page
 // tokens j0 + lo .. of the segment, from its token `seg_offset` on; row r sees the segment's first limit[r] tokens.
 // state[r] and acc[r * Dv ..] are row r's softmax state and value sums (rescaled here); the scores become the
-// rows' weights (0 outside what the row sees), which accumulate_run_values then folds in.
+// rows' weights (0 outside what the row sees), which accumulate_run_values then folds in. With `weights16` (AMX
+// tiles, whole runs), the weights go there instead, as the tiles' bf16 rows (kChunk a row), straight from the
+// registers: no fp32 round trip, and the rows' stores are long done when the value tiles load them.
 inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat* scores,
-                        hogwild::SoftmaxState* state, float* acc_rows, const int64_t* limit, int64_t seg_offset) {
+                        hogwild::SoftmaxState* state, float* acc_rows, const int64_t* limit, int64_t seg_offset,
+                        uint16_t* weights16 = nullptr) {
   vint lane;
   for (int64_t i = 0; i < kLanes; ++i) lane[i] = static_cast<int32_t>(i);
   const vint lo_v = vint{} + static_cast<int32_t>(lo), hi_v = vint{} + static_cast<int32_t>(hi);
@@ -554,9 +593,18 @@ inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat
       for (int v = 1; v < kRun; ++v) run_max = run_max > s[v] ? run_max : s[v];
       const float m_new = std::max(state[g].m, lane_max(run_max));
       vfloat total = vfloat{};
-      for (int v = 0; v < kRun; ++v) {
-        s[v] = exp_nonpositive(s[v] - m_new);
-        total += s[v];
+      if (weights16 != nullptr) {
+        uint16_t* w16 = weights16 + g * kChunk;
+        for (int v = 0; v < kRun; ++v) {
+          const vfloat e = exp_nonpositive_for_bf16(s[v] - m_new);
+          store_bf16(e, w16 + v * kLanes);
+          total += e;
+        }
+      } else {
+        for (int v = 0; v < kRun; ++v) {
+          s[v] = exp_nonpositive(s[v] - m_new);
+          total += s[v];
+        }
       }
       fold_run(state[g], m_new, total, acc_rows + g * dv, dv);
       continue;
@@ -572,15 +620,18 @@ inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat
     const float chunk_max = lane_max(run_max);
     if (chunk_max == -INFINITY) {  // the row sees none of this run
       for (int v = 0; v < nv; ++v) s[v] = vfloat{};
-      continue;
+    } else {
+      const float m_new = std::max(state[g].m, chunk_max);
+      vfloat total = vfloat{};
+      for (int v = 0; v < nv; ++v) {
+        s[v] = mask[v] ? exp_nonpositive(s[v] - m_new) : vfloat{};
+        total += s[v];
+      }
+      fold_run(state[g], m_new, total, acc_rows + g * dv, dv);
     }
-    const float m_new = std::max(state[g].m, chunk_max);
-    vfloat total = vfloat{};
-    for (int v = 0; v < nv; ++v) {
-      s[v] = mask[v] ? exp_nonpositive(s[v] - m_new) : vfloat{};
-      total += s[v];
+    if (weights16 != nullptr) {  // a whole run (nv == kRun) of a row that sees only part of it
+      for (int v = 0; v < kRun; ++v) store_bf16(s[v], weights16 + g * kChunk + v * kLanes);
     }
-    fold_run(state[g], m_new, total, acc_rows + g * dv, dv);
   }
 }
 
@@ -618,13 +669,6 @@ void accumulate_run_values(const HogwildAttentionParams<scalar_t>& p, const scal
 // state, HOGWILD_CPU_AMX_TILES not "0"); each thread sets its tile configuration for its share of a call and puts
 // back the one it found (vLLM's own kernel keeps one between calls).
 #if defined(HOGWILD_AMX_TILES)
-// lanes (fp32) -> bf16 bits, rounded to nearest even (finite inputs).
-inline void store_bf16(vfloat v, uint16_t* dst) {
-  vbits bits = reinterpret_cast<vbits>(v);
-  bits = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const vhalfbits h = __builtin_convertvector(bits, vhalfbits);
-  std::memcpy(dst, &h, sizeof(h));
-}
 
 bool amx_tiles_available() {
   static const bool available = [] {
@@ -795,13 +839,15 @@ __attribute__((target("amx-tile,amx-bf16"))) void value_rows_tiles(const c10::BF
 }
 
 // acc[r][0 .. dv) += sum over lanes j in a0 .. a1 - 1 (a0 even, a1 - a0 a multiple of 32, at most kChunk) of
-// weight[r][j] * value of page token j0 + j, for every row r; p16 (tile_rows(rows) x kChunk bf16) is scratch, and
+// weight[r][j] * value of page token j0 + j, for every row r; p16 (tile_rows(rows) x kChunk bf16) holds the weights
+// as bf16 rows (written here from `weights`, or already by softmax_run when `stored`: then only the padding rows), and
 // acc_rows holds tile_rows(rows) rows (the padding rows get weight 0 and are never read). Every value read is a
 // written one (inside the run), so a weight of 0 never meets NaN.
 void value_run_tiles(const c10::BFloat16* vpage, int64_t block_size, int64_t j0, int64_t a0, int64_t a1,
-                     int64_t rows, int64_t dv, const vfloat* weights, float* acc_rows, uint16_t* p16) {
+                     int64_t rows, int64_t dv, const vfloat* weights, float* acc_rows, uint16_t* p16,
+                     bool stored) {
   const int64_t padded = tile_rows(rows);
-  for (int64_t r = 0; r < padded; ++r) {
+  for (int64_t r = stored ? rows : 0; r < padded; ++r) {  // `stored`: softmax_run wrote the real rows' weights
     for (int64_t v = a0 / kLanes; v * kLanes < a1; ++v) {
       store_bf16(r < rows ? weights[kRun * r + v] : vfloat{}, p16 + r * kChunk + v * kLanes);
     }
@@ -964,8 +1010,9 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
 #else
       score_run<kAmx>(p, kpage, j0, lo, hi, rows, w.q_rot.data(), w.scores.data());
 #endif
+      const bool whole_run = kTiles && lo == 0 && hi == kChunk;  // all lanes on tiles: weights stored as bf16
       softmax_run(lo, hi, rows, dv, w.scores.data(), w.state_s.data(), w.acc_s.data(), w.limit.data(),
-                  i - sh.start);
+                  i - sh.start, whole_run ? w.p16.data() : nullptr);
       int64_t a0 = hi, a1 = hi;  // lanes a0 .. a1 - 1 on tiles: whole 32-token slices from the first even lane
 #if defined(HOGWILD_AMX_TILES)
       if constexpr (kTiles) {
@@ -973,7 +1020,7 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
         a1 = a0 + (hi - a0) / kTileDepth * kTileDepth;
         if (a1 > a0) {
           value_run_tiles(vpage, p.block_size, j0, a0, a1, rows, dv, w.scores.data(), w.acc_s.data(),
-                          w.p16.data());
+                          w.p16.data(), whole_run);
         } else {
           a0 = a1 = hi;
         }
