@@ -146,66 +146,54 @@ inline float load_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float load_float(c10::Half v) { return static_cast<float>(v); }
 
 // exp(x) for x <= 0 (scores minus their running max), lane-wise and branch-free:
-// 2^(x log2 e) = 2^k * 2^f with k = round(x log2 e) and f in [-0.5, 0.5], 2^f by a degree-6 polynomial (rel. error
-// ~2e-7). Inputs below -87 (and -inf) give about 1e-38 instead of 0, which no sum of weights >= 1 notices.
-// With AVX-512 the rounding and the scaling by 2^k are one instruction each (roundscale, scalef: the same values
-// as the portable form, in 4 fewer instructions of about 14; the softmax is most of the op's time on AMX tiles).
+// 2^(x log2 e) = 2^k * 2^f with k = round(x log2 e) and f in [-0.5, 0.5], 2^f by a polynomial of degree kDegree:
+// 6 (rel. error ~2e-7, exp_nonpositive) or 4 (~3e-6, 2 FMAs fewer, exp_for_bf16: for weights rounded to bf16, rel.
+// error up to 4e-3, before they multiply anything; the row's sum takes the same unrounded values). Inputs below -87
+// (and -inf) give about 1e-38 instead of 0, which no sum of weights >= 1 notices. With AVX-512 the rounding and the
+// scaling by 2^k are one instruction each (roundscale, scalef: the same values as the portable form, in 4 fewer
+// instructions of about 14; the softmax is most of the op's time on AMX tiles).
+template <int kDegree>
 inline vfloat exp2_poly(vfloat f) {  // 2^f for f in [-0.5, 0.5]
-  vfloat p = splat(1.535336188319500e-4f);
-  p = p * f + 1.339887440266574e-3f;
-  p = p * f + 9.618437357674640e-3f;
-  p = p * f + 5.550332471162809e-2f;
-  p = p * f + 2.402264791363012e-1f;
-  p = p * f + 6.931472028550421e-1f;
-  return p * f + 1.0f;
+  static_assert(kDegree == 6 || kDegree == 4);
+  vfloat p;
+  if constexpr (kDegree == 6) {
+    p = splat(1.535336188319500e-4f);
+    p = p * f + 1.339887440266574e-3f;
+    p = p * f + 9.618437357674640e-3f;
+    p = p * f + 5.550332471162809e-2f;
+    p = p * f + 2.402264791363012e-1f;
+    p = p * f + 6.931472028550421e-1f;
+    return p * f + 1.0f;
+  } else {
+    p = splat(9.570100784334288e-3f);
+    p = p * f + 5.591786531460563e-2f;
+    p = p * f + 2.402474489995212e-1f;
+    p = p * f + 6.931218141366835e-1f;
+    return p * f + 9.999992614102028e-1f;
+  }
 }
-inline vfloat exp_nonpositive(vfloat x) {
+template <int kDegree>
+inline vfloat exp_nonpositive_poly(vfloat x) {
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
   const vfloat t = x * 1.44269504088896341f;
 #if defined(__AVX512F__)
   // maskz forms: the plain ones have an undefined operand inside the intrinsic, which GCC 12 warns about
   const __m512 k = _mm512_maskz_roundscale_ps(0xFFFF, reinterpret_cast<__m512>(t),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vfloat p = exp2_poly(t - reinterpret_cast<vfloat>(k));
+  const vfloat p = exp2_poly<kDegree>(t - reinterpret_cast<vfloat>(k));
   return reinterpret_cast<vfloat>(_mm512_maskz_scalef_ps(0xFFFF, reinterpret_cast<__m512>(p), k));
 #else
   const vfloat k = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
-  const vfloat p = exp2_poly(t - k);
+  const vfloat p = exp2_poly<kDegree>(t - k);
   const vint bits = (__builtin_convertvector(k, vint) + 127) << 23;
   vfloat scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 #endif
 }
+inline vfloat exp_nonpositive(vfloat x) { return exp_nonpositive_poly<6>(x); }
+inline vfloat exp_for_bf16(vfloat x) { return exp_nonpositive_poly<4>(x); }
 inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
-
-// The same with a degree-4 polynomial (rel. error ~3e-6, 2 FMAs fewer): for weights rounded to bf16 (rel. error up
-// to 4e-3) before they multiply anything; the row's sum takes the same unrounded values.
-inline vfloat exp_nonpositive_for_bf16(vfloat x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  const vfloat t = x * 1.44269504088896341f;
-#if defined(__AVX512F__)
-  const __m512 k = _mm512_maskz_roundscale_ps(0xFFFF, reinterpret_cast<__m512>(t),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vfloat f = t - reinterpret_cast<vfloat>(k);
-#else
-  const vfloat k = (t + 12582912.0f) - 12582912.0f;
-  const vfloat f = t - k;
-#endif
-  vfloat p = splat(9.570100784334288e-3f);
-  p = p * f + 5.591786531460563e-2f;
-  p = p * f + 2.402474489995212e-1f;
-  p = p * f + 6.931218141366835e-1f;
-  p = p * f + 9.999992614102028e-1f;
-#if defined(__AVX512F__)
-  return reinterpret_cast<vfloat>(_mm512_maskz_scalef_ps(0xFFFF, reinterpret_cast<__m512>(p), k));
-#else
-  const vint bits = (__builtin_convertvector(k, vint) + 127) << 23;
-  vfloat scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-#endif
-}
 
 // Horizontal max and sum, as trees of shuffles where the ISA has them (a lane-by-lane loop is a long dependency
 // chain, paid once per run and row).
@@ -596,7 +584,7 @@ inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat
       if (weights16 != nullptr) {
         uint16_t* w16 = weights16 + g * kChunk;
         for (int v = 0; v < kRun; ++v) {
-          const vfloat e = exp_nonpositive_for_bf16(s[v] - m_new);
+          const vfloat e = exp_for_bf16(s[v] - m_new);
           store_bf16(e, w16 + v * kLanes);
           total += e;
         }
