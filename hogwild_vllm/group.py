@@ -31,7 +31,7 @@ class EngineLimits:
 class Sizing:
     """What a group holds for its whole life, reserved at admission so it never allocates or is preempted."""
 
-    tmax: int  # per-worker token slots after the prompt (max_tokens, the longest step header, one spare)
+    tmax: int  # per-worker token slots from log_start (max_tokens, the longest step header, one spare)
     blocks: int  # KV blocks: the prompt request's (C + glue) plus each worker's own, C's blocks shared
     rows: int  # batch rows (one per worker; pass 0 uses one)
     widest_pass: int  # the most tokens one step of the group feeds

@@ -253,7 +253,7 @@ class HogwildScheduler(Scheduler):
         compat.reserve(kv, owner, owner.num_tokens - hit.tokens, hit)
         owner.num_computed_tokens = hit.tokens
         g.start_from_cache(hit.tokens)
-        for child in e.workers:  # C's blocks, its partial last one included (read, never written, by workers)
+        for child in e.workers:  # C's blocks, its partial last one included (held, never written, by workers)
             compat.share_blocks(kv, owner.request_id, child.request_id, start // self.block_size)
             child.num_computed_tokens = start
             compat.reserve(kv, child, g.size.tmax)
