@@ -954,7 +954,7 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
       w.state[(t - first) * group + g] = {-INFINITY, 0.0f};
     }
   }
-  std::fill(w.acc.begin(), w.acc.end(), 0.0f);
+  std::fill_n(w.acc.data(), (last - first) * group * dv, 0.0f);  // the item's rows (the scratch may hold more)
   for (size_t i = 0; i < w.num_shared; ++i) {
     const SharedSegment& sh = shared[i];
     // This segment's rows (use u, head g) -> u * G + g: rotated queries, and the rows' states gathered.
