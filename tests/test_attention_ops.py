@@ -238,6 +238,26 @@ def test_amx_tiles_score_exactly_without_rounding(head_size: int, gqa_ratio: int
     torch.testing.assert_close(out.float(), want_out, atol=2**-8 * v_max, rtol=2**-7)
 
 
+# Scores that jump far past a row's running max from one run of keys to the next: every page's keys scaled by its
+# own factor (1 to ~20), so along a segment the runs' score ranges rise and fall by tens. A row keeps its max until
+# a run passes it by more than the op's slack (8), then rescales its sums: with scores of +-1 (the other tests)
+# only a row's first run ever moves it that far. No rotation and a power-of-two scale keep the tiles' scores exact
+# (as above), so the tolerances stay those of the bf16 weights and outputs.
+@pytest.mark.parametrize(("dtype", "packing"), [(dtype, packing) for dtype in AMX_DTYPES for packing in PACKINGS]
+                         + [(torch.float32, "contiguous")], ids=case_id)
+def test_scores_jumping_past_the_running_max(dtype: torch.dtype, packing: str, rng: random.Random) -> None:
+    rope = IdentityRope(64)
+    sc = build_scenario(3, 128, NUM_KV_HEADS * 4, dtype, rope, rng, prompt_lengths=(600, 900), prefill_tail=160)
+    factors = 2.0 ** (4.3 * torch.rand(sc.key_cache.shape[0]))  # [num_blocks]
+    sc.key_cache.copy_((sc.key_cache.float() * factors[:, None, None, None]).to(dtype))
+    out, lse = run_op(sc, rope, 0.125, packing)
+    want_out, want_lse = oracle(sc, rope, 0.125)
+    out_tol = ({"atol": 2**-8 * float(sc.value_cache.float().abs().max()), "rtol": 2**-7}
+               if on_amx_tiles(dtype, packing) else OUT_TOLERANCES[dtype])
+    torch.testing.assert_close(lse, want_lse, **LSE_TOLERANCE)
+    torch.testing.assert_close(out.float(), want_out, **out_tol)
+
+
 @pytest.mark.parametrize("threads", [2, 3])
 @pytest.mark.parametrize("num_workers", [1, 2, 3, 4, 5, 8])
 def test_op_on_several_threads(num_workers: int, threads: int, rng: random.Random) -> None:

@@ -145,13 +145,17 @@ inline float load_float(float v) { return v; }
 inline float load_float(c10::BFloat16 v) { return static_cast<float>(v); }
 inline float load_float(c10::Half v) { return static_cast<float>(v); }
 
-// exp(x) for x <= 0 (scores minus their running max), lane-wise and branch-free:
+// exp(x) for x <= kRescaleSlack (scores minus the max their row keeps, see fold_run), lane-wise and branch-free:
 // 2^(x log2 e) = 2^k * 2^f with k = round(x log2 e) and f in [-0.5, 0.5], 2^f by a polynomial of degree kDegree:
-// 6 (rel. error ~2e-7, exp_nonpositive) or 4 (~3e-6, 2 FMAs fewer, exp_for_bf16: for weights rounded to bf16, rel.
-// error up to 4e-3, before they multiply anything; the row's sum takes the same unrounded values). Inputs below -87
-// (and -inf) give about 1e-38 instead of 0, which no sum of weights >= 1 notices. With AVX-512 the rounding and the
-// scaling by 2^k are one instruction each (roundscale, scalef: the same values as the portable form, in 4 fewer
-// instructions of about 14; the softmax is most of the op's time on AMX tiles).
+// 6 (rel. error ~2e-7, exp_softmax) or 4 (~3e-6, 2 FMAs fewer, for weights rounded to bf16, rel. error up to 4e-3,
+// before they multiply anything; the row's sum takes the same unrounded values). Inputs below -87 (and -inf) give
+// about 1e-38 instead of 0, which no sum of weights >= 1 notices. With AVX-512 the rounding and the scaling by 2^k
+// are one instruction each (roundscale, scalef: the same values as the portable form, in 4 fewer instructions).
+constexpr float kLog2e = 1.44269504088896341f;
+// A row keeps its running max until a run's scores pass it by more than this (natural-log units): its weights stay
+// below e^8 (~3e3: nothing for fp32 sums or bf16 weights), and its sums are rescaled when the max moves that much
+// (a few times a row), not at every new max; lse = m + log(l) holds for any m the row keeps.
+constexpr float kRescaleSlack = 8.0f;
 template <int kDegree>
 inline vfloat exp2_poly(vfloat f) {  // 2^f for f in [-0.5, 0.5]
   static_assert(kDegree == 6 || kDegree == 4);
@@ -173,9 +177,9 @@ inline vfloat exp2_poly(vfloat f) {  // 2^f for f in [-0.5, 0.5]
   }
 }
 template <int kDegree>
-inline vfloat exp_nonpositive_poly(vfloat x) {
+inline vfloat exp_poly(vfloat x) {
   x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  const vfloat t = x * 1.44269504088896341f;
+  const vfloat t = x * kLog2e;
 #if defined(__AVX512F__)
   // maskz forms: the plain ones have an undefined operand inside the intrinsic, which GCC 12 warns about
   const __m512 k = _mm512_maskz_roundscale_ps(0xFFFF, reinterpret_cast<__m512>(t),
@@ -191,9 +195,8 @@ inline vfloat exp_nonpositive_poly(vfloat x) {
   return p * scale;
 #endif
 }
-inline vfloat exp_nonpositive(vfloat x) { return exp_nonpositive_poly<6>(x); }
-inline vfloat exp_for_bf16(vfloat x) { return exp_nonpositive_poly<4>(x); }
-inline float exp_nonpositive(float x) { return exp_nonpositive(splat(x))[0]; }
+inline vfloat exp_softmax(vfloat x) { return exp_poly<6>(x); }
+inline float exp_softmax(float x) { return exp_softmax(splat(x))[0]; }
 
 // Horizontal max and sum, as trees of shuffles where the ISA has them (a lane-by-lane loop is a long dependency
 // chain, paid once per run and row).
@@ -258,13 +261,13 @@ struct SharedSegment {
 };
 
 // Per-thread scratch. Rows of the item: up to kTokensPerItem tokens x G query heads (token-major): q, acc, state.
-// Rows of one shared segment (its uses x G, grown as needed): q_rot, scores, acc_s, state_s, limit; with AMX tiles
+// Rows of one shared segment (its uses x G, grown as needed): q_rot, scores, acc_s, state_s, sums, limit; with AMX tiles
 // also the rows' bf16 queries and weights (q16, p16; a whole number of 16-row tiles, as acc_s).
 constexpr int64_t kTokensPerItem = 16;
 struct Scratch {
   std::vector<float> q, acc, q_rot, acc_s;
   std::vector<hogwild::SoftmaxState> state, state_s;
-  std::vector<vfloat> scores;
+  std::vector<vfloat> scores, sums;  // sums: a segment row's weights so far, lane-wise
   std::vector<int64_t> limit;
   std::vector<uint16_t> q16, p16;
   // The item's shared segments are shared[0 .. num_shared): entries past it keep their `uses` vectors (and their
@@ -292,6 +295,7 @@ struct Scratch {
     q_rot.resize(rows * head_size);
     acc_s.resize(padded * value_size);  // AMX tiles load and store whole 16-row blocks of it
     state_s.resize(rows);
+    sums.resize(rows);
     scores.resize(padded * kRun);
     limit.resize(rows);
     q16.assign(padded * head_size, 0);
@@ -540,27 +544,67 @@ inline void store_bf16(vfloat v, uint16_t* dst) {
   std::memcpy(dst, &h, sizeof(h));
 }
 
-// A row's softmax state after a run whose weights exp(score - m_new) sum (lane-wise) to `total`: the earlier sum
-// and the row's value sums acc[0 .. dv) rescaled to the new max, and not at all when the max held (exp(0) is 1
-// exactly, so skipping it changes nothing).
-inline void fold_run(hogwild::SoftmaxState& st, float m_new, vfloat total, float* acc, int64_t dv) {
-  const float correction = m_new == st.m ? 1.0f : exp_nonpositive(st.m - m_new);
-  st.l = st.l * correction + lane_sum(total);
-  st.m = m_new;
-  if (correction != 1.0f) {
-    for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
+#if defined(HOGWILD_AMX_TILES)
+// Two vectors of lanes -> 2 kLanes bf16 at dst (lo's first), rounded to nearest even, in one AVX512-BF16
+// instruction (the tile path's CPUs have it: amx_tiles_available checks; as asm, so that no function needs the
+// target). Unlike store_bf16 it flushes subnormal results to 0 (weights below 1e-38 of the row's max).
+inline void store_bf16_pair(vfloat lo, vfloat hi, uint16_t* dst) {
+  __m512i packed;
+  asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(packed) : "v"(hi), "v"(lo));
+  std::memcpy(dst, &packed, sizeof(packed));
+}
+// 2^t for finite t (no clamp: scalef takes any exponent), degree 4: a whole run's weights, rounded to bf16 after.
+inline vfloat exp2_finite(vfloat t) {
+  const __m512 k = _mm512_maskz_roundscale_ps(0xFFFF, reinterpret_cast<__m512>(t),
+                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vfloat p = exp2_poly<4>(t - reinterpret_cast<vfloat>(k));
+  return reinterpret_cast<vfloat>(_mm512_maskz_scalef_ps(0xFFFF, reinterpret_cast<__m512>(p), k));
+}
+#endif
+
+// Whether some lane of v is above `threshold`.
+inline bool any_lane_above(vfloat v, float threshold) {
+#if defined(__AVX512F__)
+  return _mm512_cmp_ps_mask(reinterpret_cast<__m512>(v), _mm512_set1_ps(threshold), _CMP_GT_OQ) != 0;
+#elif defined(__AVX2__)
+  return _mm256_movemask_ps(_mm256_cmp_ps(reinterpret_cast<__m256>(v), _mm256_set1_ps(threshold), _CMP_GT_OQ)) != 0;
+#else
+  for (int64_t i = 0; i < kLanes; ++i) {
+    if (v[i] > threshold) return true;
   }
+  return false;
+#endif
+}
+
+// The max a row keeps after a run whose lanes peak at run_max: its max until then, unless the run passes that by
+// more than kRescaleSlack (then the run's max; always on the row's first run, from -inf).
+inline float kept_max(float m, vfloat run_max) {
+  return any_lane_above(run_max, m + kRescaleSlack) ? lane_max(run_max) : m;
+}
+
+// A row's softmax state after a run whose weights exp(score - m_new) sum (lane-wise) to `total`: the lane-wise sum
+// of its weights so far (`sum`, reduced once the segment ends) and its value sums acc[0 .. dv) rescaled to the new
+// max when it moved (kept_max).
+inline void fold_run(hogwild::SoftmaxState& st, vfloat& sum, float m_new, vfloat total, float* acc, int64_t dv) {
+  if (m_new != st.m) {
+    const float correction = exp_softmax(st.m - m_new);
+    sum *= correction;
+    for (int64_t d = 0; d < dv; ++d) acc[d] *= correction;
+    st.m = m_new;
+  }
+  sum += total;
 }
 
 // Folds the scores of one run into the online softmax of each of the `rows` rows: lanes lo .. hi - 1 are page
 // tokens j0 + lo .. of the segment, from its token `seg_offset` on; row r sees the segment's first limit[r] tokens.
-// state[r] and acc[r * Dv ..] are row r's softmax state and value sums (rescaled here); the scores become the
-// rows' weights (0 outside what the row sees), which accumulate_run_values then folds in. With `weights16` (AMX
-// tiles, whole runs), the weights go there instead, as the tiles' bf16 rows (kChunk a row), straight from the
-// registers: no fp32 round trip, and the rows' stores are long done when the value tiles load them.
+// state[r].m, sums[r] and acc[r * Dv ..] are row r's max, weight sums and value sums (rescaled here); the scores
+// become the rows' weights (0 outside what the row sees), which accumulate_run_values then folds in. With
+// `weights16` (AMX tiles, whole runs), the weights go there instead, as the tiles' bf16 rows (kChunk a row),
+// straight from the registers: no fp32 round trip, and the rows' stores are long done when the value tiles load
+// them.
 inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat* scores,
-                        hogwild::SoftmaxState* state, float* acc_rows, const int64_t* limit, int64_t seg_offset,
-                        uint16_t* weights16 = nullptr) {
+                        hogwild::SoftmaxState* state, vfloat* sums, float* acc_rows, const int64_t* limit,
+                        int64_t seg_offset, uint16_t* weights16 = nullptr) {
   vint lane;
   for (int64_t i = 0; i < kLanes; ++i) lane[i] = static_cast<int32_t>(i);
   const vint lo_v = vint{} + static_cast<int32_t>(lo), hi_v = vint{} + static_cast<int32_t>(hi);
@@ -579,22 +623,26 @@ inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat
     if (whole_run && visible_end == hi) {  // every lane is a key this row sees: no masks (most runs of long rows)
       vfloat run_max = s[0];
       for (int v = 1; v < kRun; ++v) run_max = run_max > s[v] ? run_max : s[v];
-      const float m_new = std::max(state[g].m, lane_max(run_max));
+      const float m_new = kept_max(state[g].m, run_max);
       vfloat total = vfloat{};
-      if (weights16 != nullptr) {
+#if defined(HOGWILD_AMX_TILES)
+      if (weights16 != nullptr) {  // 2^(s log2 e - m log2 e): one FMA, and no clamp (every lane is a score)
+        const vfloat m_log2 = splat(m_new * kLog2e);
         uint16_t* w16 = weights16 + g * kChunk;
-        for (int v = 0; v < kRun; ++v) {
-          const vfloat e = exp_for_bf16(s[v] - m_new);
-          store_bf16(e, w16 + v * kLanes);
-          total += e;
+        for (int v = 0; v < kRun; v += 2) {
+          const vfloat e0 = exp2_finite(s[v] * kLog2e - m_log2), e1 = exp2_finite(s[v + 1] * kLog2e - m_log2);
+          store_bf16_pair(e0, e1, w16 + v * kLanes);
+          total += e0 + e1;
         }
-      } else {
-        for (int v = 0; v < kRun; ++v) {
-          s[v] = exp_nonpositive(s[v] - m_new);
-          total += s[v];
-        }
+        fold_run(state[g], sums[g], m_new, total, acc_rows + g * dv, dv);
+        continue;
       }
-      fold_run(state[g], m_new, total, acc_rows + g * dv, dv);
+#endif
+      for (int v = 0; v < kRun; ++v) {
+        s[v] = exp_softmax(s[v] - m_new);
+        total += s[v];
+      }
+      fold_run(state[g], sums[g], m_new, total, acc_rows + g * dv, dv);
       continue;
     }
     const vint row_end = vint{} + static_cast<int32_t>(visible_end);
@@ -605,17 +653,16 @@ inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat
       s[v] = mask[v] ? s[v] : neg_inf;
       run_max = run_max > s[v] ? run_max : s[v];
     }
-    const float chunk_max = lane_max(run_max);
-    if (chunk_max == -INFINITY) {  // the row sees none of this run
+    if (lane_max(run_max) == -INFINITY) {  // the row sees none of this run
       for (int v = 0; v < nv; ++v) s[v] = vfloat{};
     } else {
-      const float m_new = std::max(state[g].m, chunk_max);
+      const float m_new = kept_max(state[g].m, run_max);
       vfloat total = vfloat{};
       for (int v = 0; v < nv; ++v) {
-        s[v] = mask[v] ? exp_nonpositive(s[v] - m_new) : vfloat{};
+        s[v] = mask[v] ? exp_softmax(s[v] - m_new) : vfloat{};
         total += s[v];
       }
-      fold_run(state[g], m_new, total, acc_rows + g * dv, dv);
+      fold_run(state[g], sums[g], m_new, total, acc_rows + g * dv, dv);
     }
     if (weights16 != nullptr) {  // a whole run (nv == kRun) of a row that sees only part of it
       for (int v = 0; v < kRun; ++v) store_bf16(s[v], weights16 + g * kChunk + v * kLanes);
@@ -663,8 +710,10 @@ bool amx_tiles_available() {
     unsigned a = 0, b = 0, c = 0, d = 0;
     if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
     const bool tile = (d >> 24) & 1u, bf16 = (d >> 22) & 1u;
+    if (!__get_cpuid_count(7, 1, &a, &b, &c, &d)) return false;
+    const bool avx512_bf16 = (a >> 5) & 1u;  // the softmax's bf16 conversions (store_bf16_pair)
     constexpr long kReqXcompPerm = 0x1023, kXtiledata = 18;  // arch_prctl: ask for the tile data state
-    return tile && bf16 && syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
+    return tile && bf16 && avx512_bf16 && syscall(SYS_arch_prctl, kReqXcompPerm, kXtiledata) == 0;
   }();
   return available;
 }
@@ -966,6 +1015,7 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
         hogwild::rotate_scaled(w.q.data() + r * d_size, w.q_rot.data() + k * d_size, d_size, p.rotary_dim,
                                p.is_neox, use.row.cos, use.row.sin, use.row.sin_sign, p.scale);
         w.state_s[k] = {-INFINITY, 0.0f};  // each use starts its own softmax, merged into the token's below
+        w.sums[k] = vfloat{};
         std::fill_n(w.acc_s.data() + k * dv, dv, 0.0f);
         w.limit[k] = use.visible;
       }
@@ -999,8 +1049,8 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
       score_run<kAmx>(p, kpage, j0, lo, hi, rows, w.q_rot.data(), w.scores.data());
 #endif
       const bool whole_run = kTiles && lo == 0 && hi == kChunk;  // all lanes on tiles: weights stored as bf16
-      softmax_run(lo, hi, rows, dv, w.scores.data(), w.state_s.data(), w.acc_s.data(), w.limit.data(),
-                  i - sh.start, whole_run ? w.p16.data() : nullptr);
+      softmax_run(lo, hi, rows, dv, w.scores.data(), w.state_s.data(), w.sums.data(), w.acc_s.data(),
+                  w.limit.data(), i - sh.start, whole_run ? w.p16.data() : nullptr);
       int64_t a0 = hi, a1 = hi;  // lanes a0 .. a1 - 1 on tiles: whole 32-token slices from the first even lane
 #if defined(HOGWILD_AMX_TILES)
       if constexpr (kTiles) {
@@ -1022,9 +1072,10 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
       for (int64_t g = 0; g < group; ++g) {
         const int64_t r = sh.uses[u].token * group + g, k = static_cast<int64_t>(u) * group + g;
         hogwild::SoftmaxState& mine = w.state[r];
-        const hogwild::SoftmaxState& part = w.state_s[k];
+        hogwild::SoftmaxState& part = w.state_s[k];
+        part.l = lane_sum(w.sums[k]);
         const float m = std::max(mine.m, part.m);
-        const float a = exp_nonpositive(mine.m - m), b = exp_nonpositive(part.m - m);
+        const float a = exp_softmax(mine.m - m), b = exp_softmax(part.m - m);
         float* acc = w.acc.data() + r * dv;
         const float* acc_part = w.acc_s.data() + k * dv;
         for (int64_t d = 0; d < dv; ++d) acc[d] = acc[d] * a + acc_part[d] * b;
