@@ -243,11 +243,15 @@ def test_amx_tiles_score_exactly_without_rounding(head_size: int, gqa_ratio: int
 # a run passes it by more than the op's slack (8), then rescales its sums: with scores of +-1 (the other tests)
 # only a row's first run ever moves it that far. No rotation and a power-of-two scale keep the tiles' scores exact
 # (as above), so the tolerances stay those of the bf16 weights and outputs.
+# Pages of 256 tokens hold two whole runs each (the tiles' value product of a run waits for the next run).
+@pytest.mark.parametrize("block_size", [128, 256])
 @pytest.mark.parametrize(("dtype", "packing"), [(dtype, packing) for dtype in AMX_DTYPES for packing in PACKINGS]
                          + [(torch.float32, "contiguous")], ids=case_id)
-def test_scores_jumping_past_the_running_max(dtype: torch.dtype, packing: str, rng: random.Random) -> None:
+def test_scores_jumping_past_the_running_max(dtype: torch.dtype, packing: str, block_size: int,
+                                             rng: random.Random) -> None:
     rope = IdentityRope(64)
-    sc = build_scenario(3, 128, NUM_KV_HEADS * 4, dtype, rope, rng, prompt_lengths=(600, 900), prefill_tail=160)
+    sc = build_scenario(3, block_size, NUM_KV_HEADS * 4, dtype, rope, rng, prompt_lengths=(600, 900),
+                        prefill_tail=160)
     factors = 2.0 ** (4.3 * torch.rand(sc.key_cache.shape[0]))  # [num_blocks]
     sc.key_cache.copy_((sc.key_cache.float() * factors[:, None, None, None]).to(dtype))
     out, lse = run_op(sc, rope, 0.125, packing)

@@ -1026,6 +1026,22 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
     }
 #endif
     const int32_t* blocks = p.block_tables + sh.seq * p.bt_stride;
+    // On tiles, a whole run's value product waits until the next run is scored (its weights sit in p16 until
+    // then): the tiles then load weights stored a whole run earlier, and the value tiles of one run overlap the
+    // softmax of the next. It runs before that softmax, which may rescale the value sums.
+    const scalar_t* pending_values = nullptr;  // the value page of the run whose product waits, from page token
+    int64_t pending_j0 = 0;                      // pending_j0 on
+    [[maybe_unused]] const auto flush_pending = [&] {
+#if defined(HOGWILD_AMX_TILES)
+      if constexpr (kTiles) {
+        if (pending_values != nullptr) {
+          value_run_tiles(pending_values, p.block_size, pending_j0, 0, kChunk, rows, dv, nullptr, w.acc_s.data(),
+                          w.p16.data(), true);
+          pending_values = nullptr;
+        }
+      }
+#endif
+    };
     for (int64_t i = sh.start, end = sh.start + sh.longest; i < end;) {
       const int64_t block = blocks[i / p.block_size];
       if (block < 0 || block >= p.num_blocks) return false;
@@ -1048,9 +1064,16 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
 #else
       score_run<kAmx>(p, kpage, j0, lo, hi, rows, w.q_rot.data(), w.scores.data());
 #endif
+      flush_pending();
       const bool whole_run = kTiles && lo == 0 && hi == kChunk;  // all lanes on tiles: weights stored as bf16
       softmax_run(lo, hi, rows, dv, w.scores.data(), w.state_s.data(), w.sums.data(), w.acc_s.data(),
                   w.limit.data(), i - sh.start, whole_run ? w.p16.data() : nullptr);
+      i += hi - lo;
+      if (whole_run) {
+        pending_values = vpage;
+        pending_j0 = j0;
+        continue;
+      }
       int64_t a0 = hi, a1 = hi;  // lanes a0 .. a1 - 1 on tiles: whole 32-token slices from the first even lane
 #if defined(HOGWILD_AMX_TILES)
       if constexpr (kTiles) {
@@ -1058,7 +1081,7 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
         a1 = a0 + (hi - a0) / kTileDepth * kTileDepth;
         if (a1 > a0) {
           value_run_tiles(vpage, p.block_size, j0, a0, a1, rows, dv, w.scores.data(), w.acc_s.data(),
-                          w.p16.data(), whole_run);
+                          w.p16.data(), false);
         } else {
           a0 = a1 = hi;
         }
@@ -1066,8 +1089,8 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
 #endif
       accumulate_run_values<kAmx>(p, vpage, j0, lo, a0, rows, w.scores.data(), w.acc_s.data());
       accumulate_run_values<kAmx>(p, vpage, j0, a1, hi, rows, w.scores.data(), w.acc_s.data());
-      i += hi - lo;
     }
+    flush_pending();
     for (size_t u = 0; u < sh.uses.size(); ++u) {  // merge each use into its token's softmax (log-sum-exp)
       for (int64_t g = 0; g < group; ++g) {
         const int64_t r = sh.uses[u].token * group + g, k = static_cast<int64_t>(u) * group + g;
