@@ -399,8 +399,9 @@ def plan_rows(state: GroupState, source_ids: Mapping[int, str], pass0_chunk: tup
                              f"(length {state.prompt_len})")
         if plans is not None:
             raise ValueError("pass 0 takes no worker plans")
-        view = [Segment(PROMPT, 0, end, 0)]
-        prompt_views = [_row_view(view, [Query(i, i) for i in range(start, end)], source_ids)]
+        # The chunk's queries, at their own positions, as one run (not token by token: a chunk may be all of C)
+        prompt_views = [RowView(tuple(_segs([(PROMPT, 0, end, 0)], source_ids)),
+                                (QueryRun(start, start, end - start),))]
         glue = state.glue_views()
         if end == state.prompt_len and glue:
             glue_views = [_row_view(segs, qs, source_ids) for segs, qs in glue]
