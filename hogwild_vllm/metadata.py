@@ -499,6 +499,14 @@ def build_table(meta: HogwildStepMeta | None, batch_req_ids: Sequence[str],
     return table, torch.cat([block_table[:num_reqs], sources.block_rows(block_table)])
 
 
+def _position_pairs(natural: int, view: int, count: int) -> array:
+    """(natural + k, view + k) for k < count, flat, built by slices (a prompt chunk has thousands)."""
+    pairs = array("i", bytes(8 * count))
+    pairs[0::2] = array("i", range(natural, natural + count))
+    pairs[1::2] = array("i", range(view, view + count))
+    return pairs
+
+
 class _TableBuilder:
     """A SegmentTable's int32 arrays, filled row by row, then one tensor each over the same memory: a decode step
     has a few dozen tokens and a few hundred segments, where every small torch op costs more than the loop, and
@@ -518,7 +526,7 @@ class _TableBuilder:
         self.offsets.append(len(self.segs) >> 2)
         self.query_view.extend(repeat(len(self.offsets) - 2, q_len))
         first = seq_len - q_len
-        self.query_pos.fromlist([p for k in range(q_len) for p in (first + k, first + k)])
+        self.query_pos.extend(_position_pairs(first, first, q_len))
 
     def add_plan(self, plan: RowPlan, reader: str) -> int:
         """A group row's views, its sources mapped; returns how many query tokens it added."""
@@ -542,7 +550,7 @@ class _TableBuilder:
                     query_pos.fromlist([natural, view_pos])
                 else:
                     query_view.extend(repeat(view, count))
-                    query_pos.fromlist([p for k in range(count) for p in (natural + k, view_pos + k)])
+                    query_pos.extend(_position_pairs(natural, view_pos, count))
         return len(query_view) - added
 
     def table(self, device: torch.device | str) -> SegmentTable:
