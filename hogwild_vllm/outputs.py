@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import copy
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from hogwild_vllm.layout import GroupState
@@ -43,7 +44,16 @@ class GroupOutput:
     config: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """As ``dataclasses.asdict`` (independent copies), without its element-by-element copy of every token id
+        list (a long prompt's took milliseconds of the engine step that finishes the group)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["prompt_token_ids"], out["banned_token_ids"] = list(self.prompt_token_ids), list(self.banned_token_ids)
+        out["workers"] = [{"name": w.name, "token_ids": list(w.token_ids), "forced": list(w.forced), "text": w.text}
+                          for w in self.workers]
+        out["usage"] = {**vars(self.usage), "generated_tokens": list(self.usage.generated_tokens),
+                        "forced_tokens": list(self.usage.forced_tokens)}
+        out["config"] = copy.deepcopy(self.config)
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GroupOutput:

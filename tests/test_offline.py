@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from types import SimpleNamespace
 
@@ -27,6 +28,17 @@ def sample_output() -> GroupOutput:
                WorkerOutput("Bob", [4, 5], [True, False], "de")]
     return GroupOutput([7, 8], [0, 2], workers, "abc [...]", "42", "Bob", "answer",
                        Usage(2, [2, 1], [1, 1], 5, kv_blocks=3), config=GroupConfig().to_dict())
+
+
+def test_group_output_to_dict_is_asdict_with_its_own_lists():
+    out = sample_output()
+    d = out.to_dict()
+    assert d == dataclasses.asdict(out) and list(d) == list(dataclasses.asdict(out))
+    d["prompt_token_ids"].append(9)
+    d["workers"][0]["token_ids"].append(9)
+    d["usage"]["forced_tokens"].append(9)
+    d["config"]["templates"]["system_prompt"] = "changed"
+    assert out == sample_output()  # nothing of the output is shared with the dict
 
 
 def test_group_output_round_trips_through_a_request_output():
