@@ -1,7 +1,8 @@
 """The shared system prompt prefilled once: how long a second group with the same long system prompt (few-shot
 rules, ~3k tokens) and another problem waits for its first token, against the first group.
 
-    python benchmarks/bench_prefix_cache.py [--model qwen2] [--system-tokens 3000] [--workers 2 4] [--repeats 3]
+    python benchmarks/bench_prefix_cache.py [--models qwen2 smollm2] [--system-tokens 3000] [--workers 2 4]
+                                            [--repeats 3]
 
 Per repeat, a fresh system prompt (a unique marker first, so nothing is cached from an earlier repeat), then two
 requests on it with different problems, one after the other; each is timed from submission to its first output
@@ -11,8 +12,10 @@ plain request's TTFT. Systems, each engine in its own process (vLLM caches its b
   - ``plain-off``: plain vLLM, plugin off, one plain request a problem (vLLM's own prefix cache): the baseline;
   - ``group``: a hogwild group of N workers, one choice a worker (``n`` = N), plugin on, prefix cache on;
   - ``group-nocache``: the same with ``enable_prefix_caching=False``.
-The figure of merit is second / first prefill (target for groups: at most 0.15). Writes ``bench_prefix_cache.csv`` /
-``.md`` / ``.png`` under --out.
+The figure of merit is second / first prefill (target for groups: at most 0.15). Two models by default: the tiny
+qwen2 (4 layers, hidden 256), whose second prefill is mostly the engine's fixed cost of a step, and SmolLM2-135M's
+shapes (30 layers, hidden 576, random weights: the real model's compute), where the work a prompt token costs is
+a real model's. Writes ``bench_prefix_cache.csv`` / ``.md`` / ``.png`` under --out.
 """
 
 from __future__ import annotations
@@ -39,7 +42,9 @@ COLUMNS = ["model", "system", "N", "system_tokens", "prompt_tokens", "first_pref
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default="qwen2", help="a tiny-model kind (qwen2, smollm2, ...) or a model folder")
+    ap.add_argument("--models", nargs="+", default=["qwen2", "smollm2"],
+                    help="tiny-model kinds (qwen2, smollm2, ...) or model folders")
+    ap.add_argument("--model", default=None, help=argparse.SUPPRESS)  # internal: the engine's model
     ap.add_argument("--system-tokens", type=int, default=3000, help="tokens of the shared system prompt")
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--repeats", type=int, default=3)
@@ -127,30 +132,31 @@ def main() -> int:
     info = machine_info()
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2", "VLLM_TARGET_DEVICE": "cpu", "TOKENIZERS_PARALLELISM": "false"}
     records: list[dict[str, Any]] = []
-    total = args.repeats * 2 * (1 + 2 * len(args.workers))
+    total = len(args.models) * args.repeats * 2 * (1 + 2 * len(args.workers))
     with tqdm(total=total, unit="request") as bar:
-        for system in SYSTEMS:
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", system, "--model", args.model,
-                   "--system-tokens", str(args.system_tokens), "--repeats", str(args.repeats), "--dtype", args.dtype,
-                   "--workers", *map(str, args.workers)]
-            log = Path(args.out) / "logs" / f"bench_prefix_cache_{system}.log"
-            log.parent.mkdir(parents=True, exist_ok=True)
-            with open(log, "w") as err:
-                proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
-                assert proc.stdout is not None
-                for line in proc.stdout:
-                    if line.startswith("{"):
-                        records.append(json.loads(line))
-                        bar.update()
-            if proc.wait() != 0:
-                raise SystemExit(f"the {system} engine failed: see {log} (rerun: {shlex.join(cmd)})")
+        for model in args.models:
+            for system in SYSTEMS:
+                cmd = [sys.executable, str(Path(__file__).resolve()), "--engine", system, "--model", model,
+                       "--system-tokens", str(args.system_tokens), "--repeats", str(args.repeats), "--dtype",
+                       args.dtype, "--workers", *map(str, args.workers)]
+                log = Path(args.out) / "logs" / f"bench_prefix_cache_{Path(model).name}_{system}.log"
+                log.parent.mkdir(parents=True, exist_ok=True)
+                with open(log, "w") as err:
+                    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=err, text=True, env=env)
+                    assert proc.stdout is not None
+                    for line in proc.stdout:
+                        if line.startswith("{"):
+                            records.append({"model": model, **json.loads(line)})
+                            bar.update()
+                if proc.wait() != 0:
+                    raise SystemExit(f"the {system} engine failed: see {log} (rerun: {shlex.join(cmd)})")
     rows = []
-    for system in SYSTEMS:
-        for n in sorted({r["N"] for r in records if r["system"] == system}):
-            sel = [r for r in records if (r["system"], r["N"]) == (system, n)]
+    for model, system in ((model, system) for model in args.models for system in SYSTEMS):
+        for n in sorted({r["N"] for r in records if (r["model"], r["system"]) == (model, system)}):
+            sel = [r for r in records if (r["model"], r["system"], r["N"]) == (model, system, n)]
             med = {(key, which): statistics.median(r[key] for r in sel if r["which"] == which)
                    for key in ("ttft_s", "prefill_s") for which in ("first", "second")}
-            rows.append({"model": args.model, "system": system, "N": n, "system_tokens": args.system_tokens,
+            rows.append({"model": Path(model).name, "system": system, "N": n, "system_tokens": args.system_tokens,
                          "prompt_tokens": max(r["prompt_tokens"] for r in sel),
                          "first_prefill_s": round(med["prefill_s", "first"], 4),
                          "second_prefill_s": round(med["prefill_s", "second"], 4),
@@ -160,8 +166,8 @@ def main() -> int:
                          "ttft_x": round(med["ttft_s", "second"] / med["ttft_s", "first"], 3),
                          "cached_tokens": min(r["cached_tokens"] for r in sel if r["which"] == "second")})
     header = [f"command: {shlex.join(['python', *sys.argv])}", f"machine: {describe(info)}",
-              f"model {args.model}, {args.dtype}, enforce_eager, max_model_len 4096; medians of {args.repeats} "
-              "repeats, each with a fresh system prompt", f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}"]
+              f"models {', '.join(args.models)}, {args.dtype}, enforce_eager, max_model_len 4096; medians of "
+              f"{args.repeats} repeats, each with a fresh system prompt", f"date: {time.strftime('%Y-%m-%d %H:%M:%S')}"]
     print("\n".join(header))
     markdown = print_table(rows, COLUMNS)
     out = write_results(rows, args.out, "bench_prefix_cache", header, markdown)
@@ -177,18 +183,20 @@ def _plot(rows: list[dict[str, Any]], path: Path, footer: str) -> None:
         import matplotlib.pyplot as plt
     except ImportError:
         return
-    labels = [f"{r['system']}\nN={r['N']}" for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(1.6 * len(rows) + 2, 3.6))
-    ax.bar([x - 0.2 for x in xs], [r["first_prefill_s"] for r in rows], width=0.4, label="first request")
-    ax.bar([x + 0.2 for x in xs], [r["second_prefill_s"] for r in rows], width=0.4,
-           label="second, same system prompt")
-    for x, r in zip(xs, rows, strict=True):
-        ax.text(x + 0.2, r["second_prefill_s"], f"{r['prefill_x']:.2f}x", ha="center", va="bottom", fontsize=7)
-    ax.set_xticks(list(xs), labels, fontsize=7)
-    ax.set_ylabel("prefill (s)")
-    ax.set_title(f"shared {rows[0]['system_tokens']}-token system prompt: second request vs first", fontsize=9)
-    ax.legend(fontsize=7)
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(1, len(models), figsize=(4.2 * len(models) + 1, 3.8), squeeze=False)
+    for ax, model in zip(axes[0], models, strict=True):
+        mine = [r for r in rows if r["model"] == model]
+        xs = range(len(mine))
+        ax.bar([x - 0.2 for x in xs], [r["first_prefill_s"] for r in mine], width=0.4, label="first request")
+        ax.bar([x + 0.2 for x in xs], [r["second_prefill_s"] for r in mine], width=0.4,
+               label="second, same system prompt")
+        for x, r in zip(xs, mine, strict=True):
+            ax.text(x + 0.2, r["second_prefill_s"], f"{r['prefill_x']:.3f}x", ha="center", va="bottom", fontsize=7)
+        ax.set_xticks(list(xs), [f"{r['system']}\nN={r['N']}" for r in mine], fontsize=7)
+        ax.set_ylabel("prefill (s)")
+        ax.set_title(f"{model}: shared {mine[0]['system_tokens']}-token system prompt, second vs first", fontsize=9)
+        ax.legend(fontsize=7)
     fig.text(0.01, 0.01, footer, fontsize=6)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=120)
