@@ -261,8 +261,8 @@ struct SharedSegment {
 };
 
 // Per-thread scratch. Rows of the item: up to kTokensPerItem tokens x G query heads (token-major): q, acc, state.
-// Rows of one shared segment (its uses x G, grown as needed): q_rot, scores, acc_s, state_s, sums, limit; with AMX tiles
-// also the rows' bf16 queries and weights (q16, p16; a whole number of 16-row tiles, as acc_s).
+// Rows of one shared segment (its uses x G, grown as needed): q_rot, scores, acc_s, state_s, sums, limit; with AMX
+// tiles also the rows' bf16 queries and weights (q16, p16; a whole number of 16-row tiles, as acc_s).
 constexpr int64_t kTokensPerItem = 16;
 struct Scratch {
   std::vector<float> q, acc, q_rot, acc_s;
