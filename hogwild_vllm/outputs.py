@@ -48,8 +48,7 @@ class GroupOutput:
         list (a long prompt's took milliseconds of the engine step that finishes the group)."""
         out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["prompt_token_ids"], out["banned_token_ids"] = list(self.prompt_token_ids), list(self.banned_token_ids)
-        out["workers"] = [{"name": w.name, "token_ids": list(w.token_ids), "forced": list(w.forced), "text": w.text}
-                          for w in self.workers]
+        out["workers"] = [{**vars(w), "token_ids": list(w.token_ids), "forced": list(w.forced)} for w in self.workers]
         out["usage"] = {**vars(self.usage), "generated_tokens": list(self.usage.generated_tokens),
                         "forced_tokens": list(self.usage.forced_tokens)}
         out["config"] = copy.deepcopy(self.config)

@@ -147,10 +147,11 @@ inline float load_float(c10::Half v) { return static_cast<float>(v); }
 
 // exp(x) for x <= kRescaleSlack (scores minus the max their row keeps, see fold_run), lane-wise and branch-free:
 // 2^(x log2 e) = 2^k * 2^f with k = round(x log2 e) and f in [-0.5, 0.5], 2^f by a polynomial of degree kDegree:
-// 6 (rel. error ~2e-7, exp_softmax) or 4 (~3e-6, 2 FMAs fewer, for weights rounded to bf16, rel. error up to 4e-3,
-// before they multiply anything; the row's sum takes the same unrounded values). Inputs below -87 (and -inf) give
-// about 1e-38 instead of 0, which no sum of weights >= 1 notices. With AVX-512 the rounding and the scaling by 2^k
-// are one instruction each (roundscale, scalef: the same values as the portable form, in 4 fewer instructions).
+// 6 (rel. error ~2e-7, exp_softmax) or 4 (~3e-6, 2 FMAs fewer: a whole run's weights on tiles, rounded to bf16,
+// rel. error up to 4e-3, before they multiply anything; the row's sum takes the same unrounded values). exp_softmax
+// clamps its inputs at -87 (-inf gives about 1e-38 instead of 0, which no sum of weights >= 1 notices). With AVX-512
+// the rounding and the scaling by 2^k are one instruction each (exp2_scaled: roundscale, scalef, the same values
+// as the portable form in 4 fewer instructions, for any finite exponent).
 constexpr float kLog2e = 1.44269504088896341f;
 // A row keeps its running max until a run's scores pass it by more than this (natural-log units): its weights stay
 // below e^8 (~3e3: nothing for fp32 sums or bf16 weights), and its sums are rescaled when the max moves that much
@@ -176,26 +177,31 @@ inline vfloat exp2_poly(vfloat f) {  // 2^f for f in [-0.5, 0.5]
     return p * f + 9.999992614102028e-1f;
   }
 }
-template <int kDegree>
-inline vfloat exp_poly(vfloat x) {
-  x = x < splat(-87.0f) ? splat(-87.0f) : x;
-  const vfloat t = x * kLog2e;
 #if defined(__AVX512F__)
-  // maskz forms: the plain ones have an undefined operand inside the intrinsic, which GCC 12 warns about
+// 2^t for finite t of any size (scalef takes any exponent): rounding and scaling by 2^k one instruction each. The
+// maskz forms: the plain ones have an undefined operand inside the intrinsic, which GCC 12 warns about.
+template <int kDegree>
+inline vfloat exp2_scaled(vfloat t) {
   const __m512 k = _mm512_maskz_roundscale_ps(0xFFFF, reinterpret_cast<__m512>(t),
                                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   const vfloat p = exp2_poly<kDegree>(t - reinterpret_cast<vfloat>(k));
   return reinterpret_cast<vfloat>(_mm512_maskz_scalef_ps(0xFFFF, reinterpret_cast<__m512>(p), k));
+}
+#endif
+inline vfloat exp_softmax(vfloat x) {
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
+  const vfloat t = x * kLog2e;
+#if defined(__AVX512F__)
+  return exp2_scaled<6>(t);
 #else
   const vfloat k = (t + 12582912.0f) - 12582912.0f;  // round to nearest (|t| < 2^22)
-  const vfloat p = exp2_poly<kDegree>(t - k);
+  const vfloat p = exp2_poly<6>(t - k);
   const vint bits = (__builtin_convertvector(k, vint) + 127) << 23;
   vfloat scale;
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 #endif
 }
-inline vfloat exp_softmax(vfloat x) { return exp_poly<6>(x); }
 inline float exp_softmax(float x) { return exp_softmax(splat(x))[0]; }
 
 // Horizontal max and sum, as trees of shuffles where the ISA has them (a lane-by-lane loop is a long dependency
@@ -553,13 +559,6 @@ inline void store_bf16_pair(vfloat lo, vfloat hi, uint16_t* dst) {
   asm("vcvtne2ps2bf16 %2, %1, %0" : "=v"(packed) : "v"(hi), "v"(lo));
   std::memcpy(dst, &packed, sizeof(packed));
 }
-// 2^t for finite t (no clamp: scalef takes any exponent), degree 4: a whole run's weights, rounded to bf16 after.
-inline vfloat exp2_finite(vfloat t) {
-  const __m512 k = _mm512_maskz_roundscale_ps(0xFFFF, reinterpret_cast<__m512>(t),
-                                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const vfloat p = exp2_poly<4>(t - reinterpret_cast<vfloat>(k));
-  return reinterpret_cast<vfloat>(_mm512_maskz_scalef_ps(0xFFFF, reinterpret_cast<__m512>(p), k));
-}
 #endif
 
 // Whether some lane of v is above `threshold`.
@@ -630,7 +629,8 @@ inline void softmax_run(int64_t lo, int64_t hi, int64_t rows, int64_t dv, vfloat
         const vfloat m_log2 = splat(m_new * kLog2e);
         uint16_t* w16 = weights16 + g * kChunk;
         for (int v = 0; v < kRun; v += 2) {
-          const vfloat e0 = exp2_finite(s[v] * kLog2e - m_log2), e1 = exp2_finite(s[v + 1] * kLog2e - m_log2);
+          const vfloat e0 = exp2_scaled<4>(s[v] * kLog2e - m_log2);
+          const vfloat e1 = exp2_scaled<4>(s[v + 1] * kLog2e - m_log2);
           store_bf16_pair(e0, e1, w16 + v * kLanes);
           total += e0 + e1;
         }
@@ -1029,8 +1029,8 @@ bool attend_item(const HogwildAttentionParams<scalar_t>& p, int64_t first, int64
     // On tiles, a whole run's value product waits until the next run is scored (its weights sit in p16 until
     // then): the tiles then load weights stored a whole run earlier, and the value tiles of one run overlap the
     // softmax of the next. It runs before that softmax, which may rescale the value sums.
-    const scalar_t* pending_values = nullptr;  // the value page of the run whose product waits, from page token
-    int64_t pending_j0 = 0;                      // pending_j0 on
+    const scalar_t* pending_values = nullptr;  // the waiting run's value page (null: none waits)
+    int64_t pending_j0 = 0;                      // and its first page token
     [[maybe_unused]] const auto flush_pending = [&] {
 #if defined(HOGWILD_AMX_TILES)
       if constexpr (kTiles) {
